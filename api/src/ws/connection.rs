@@ -1,0 +1,322 @@
+//! One chat client's WebSocket: resume, live updates in sequence order, keep-alive.
+//!
+//! Per run the connection remembers the last sequence it sent. A live update at or below it is
+//! a duplicate and dropped; one above it + 1 means updates were missed, and the missing ones
+//! are read from the timeline read model first. So the client sees every step once, in order.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use apex_projections::chat::ChatUpdate;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chrono::{DateTime, Utc};
+use futures::stream::SplitSink;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::hub::{Hub, Signal};
+use std::sync::Arc;
+
+/// How often the server pings.
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// A client silent for this long is considered dead.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// A client that does not take a frame within this time is stalled.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Close code: the client fell behind; reconnect and resume.
+pub const CLOSE_RESYNC: u16 = 4008;
+/// Most entries sent for one catch-up query.
+const CATCH_UP_LIMIT: i64 = 10_000;
+
+/// A message to the client.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Outgoing<'a> {
+    /// Control: an error about a client message.
+    Error { code: &'a str, message: String },
+    /// Control: the client fell behind and is being closed; reconnect with `resume`.
+    ResyncRequired,
+}
+
+/// A timeline step as sent to the client.
+#[derive(Debug, Serialize)]
+struct StepMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    instance_id: Uuid,
+    sequence: i64,
+    at: DateTime<Utc>,
+    data: &'a Value,
+}
+
+/// A message from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Incoming {
+    /// Send what I missed after these sequences, then live updates.
+    Resume { instances: HashMap<Uuid, i64> },
+}
+
+struct Conn {
+    sink: SplitSink<WebSocket, Message>,
+    pool: PgPool,
+    user: String,
+    last: HashMap<Uuid, i64>,
+    since: DateTime<Utc>,
+}
+
+/// Serves one authenticated user's socket until it closes.
+pub async fn serve(
+    socket: WebSocket,
+    hub: Arc<Hub>,
+    pool: PgPool,
+    user: String,
+    resume: HashMap<Uuid, i64>,
+) {
+    // Register first: from here on every committed step reaches us live, so the catch-up
+    // below plus the live stream leave no gap.
+    let mut registration = hub.register(&user).await;
+    let (sink, mut stream) = socket.split();
+    let mut conn = Conn {
+        sink,
+        pool,
+        user,
+        last: HashMap::new(),
+        since: Utc::now(),
+    };
+    if let Err(e) = conn.resume(resume).await {
+        tracing::debug!(error = %e, "websocket closed during resume");
+        return;
+    }
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    loop {
+        let step: Result<bool, Closed> = tokio::select! {
+            signal = registration.rx.recv() => match signal {
+                Some(Signal::Update(update)) => conn.deliver(&update).await.map(|()| true),
+                Some(Signal::Resync) => conn.catch_up_all().await.map(|()| true),
+                None => Ok(false),
+            },
+            () = registration.overflow.notified() => {
+                tracing::warn!(user = %conn.user, "chat client too slow; asking it to resync");
+                let _ = conn.send_json(&Outgoing::ResyncRequired).await;
+                let _ = conn.close(CLOSE_RESYNC, "too slow: reconnect and resume").await;
+                Ok(false)
+            },
+            incoming = stream.next() => {
+                last_heard = Instant::now();
+                conn.incoming(incoming).await
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > IDLE_LIMIT {
+                    let _ = conn.close(1001, "no pong: connection considered dead").await;
+                    Ok(false)
+                } else {
+                    conn.send(Message::Ping(Default::default())).await.map(|()| true)
+                }
+            },
+        };
+        match step {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(Closed) => {
+                tracing::info!(user = %conn.user, "chat client gone or stalled; connection dropped");
+                break;
+            }
+        }
+    }
+}
+
+/// The socket is gone or stalled.
+#[derive(Debug)]
+struct Closed;
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("websocket closed or stalled")
+    }
+}
+
+impl Conn {
+    async fn send(&mut self, message: Message) -> Result<(), Closed> {
+        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Closed),
+        }
+    }
+
+    async fn send_json<T: Serialize>(&mut self, value: &T) -> Result<(), Closed> {
+        let text = serde_json::to_string(value).map_err(|_| Closed)?;
+        self.send(Message::Text(Utf8Bytes::from(text))).await
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) -> Result<(), Closed> {
+        self.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        })))
+        .await
+    }
+
+    /// Handles a frame from the client; `Ok(false)` ends the connection.
+    async fn incoming(
+        &mut self,
+        frame: Option<Result<Message, axum::Error>>,
+    ) -> Result<bool, Closed> {
+        match frame {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Ok(false),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(true),
+            Some(Ok(Message::Binary(_))) => {
+                self.send_json(&Outgoing::Error {
+                    code: "invalid_message",
+                    message: "binary frames are not supported; send JSON text".to_owned(),
+                })
+                .await?;
+                Ok(true)
+            }
+            Some(Ok(Message::Text(text))) => {
+                match serde_json::from_str::<Incoming>(text.as_str()) {
+                    Ok(Incoming::Resume { instances }) => self.resume(instances).await?,
+                    Err(e) => {
+                        self.send_json(&Outgoing::Error {
+                            code: "invalid_message",
+                            message: format!("expected {{\"type\":\"resume\",\"instances\":{{\"<id>\":<sequence>}}}}: {e}"),
+                        })
+                        .await?
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends what the client missed after the given sequences.
+    async fn resume(&mut self, instances: HashMap<Uuid, i64>) -> Result<(), Closed> {
+        for (instance, after) in instances {
+            let after = after.max(self.last.get(&instance).copied().unwrap_or(0));
+            let owned: bool = match sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM rm_timeline WHERE instance_id = $1 AND owner_id = $2)",
+            )
+            .bind(instance)
+            .bind(&self.user)
+            .fetch_one(&self.pool)
+            .await
+            {
+                Ok(owned) => owned,
+                Err(e) => {
+                    tracing::error!(error = %e, "websocket resume: read model query failed");
+                    self.send_json(&Outgoing::Error {
+                        code: "service_unavailable",
+                        message: "cannot read the timeline now; resume again later".to_owned(),
+                    })
+                    .await?;
+                    continue;
+                }
+            };
+            if !owned {
+                self.send_json(&Outgoing::Error {
+                    code: "instance_not_found",
+                    message: format!("instance {instance} does not exist"),
+                })
+                .await?;
+                continue;
+            }
+            self.last.insert(instance, after.max(1));
+            self.fill(instance, after, i64::MAX).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends entries of `instance` with `after < sequence < before` not sent yet.
+    async fn fill(&mut self, instance: Uuid, after: i64, before: i64) -> Result<(), Closed> {
+        let rows: Vec<ChatUpdate> = match sqlx::query_as(
+            "SELECT instance_id, sequence, owner_id, kind, at, display, traceparent FROM rm_timeline
+              WHERE instance_id = $1 AND owner_id = $2 AND sequence > $3 AND sequence < $4
+                AND kind <> 'instance_created'
+              ORDER BY sequence LIMIT $5",
+        )
+        .bind(instance)
+        .bind(&self.user)
+        .bind(after)
+        .bind(before)
+        .bind(CATCH_UP_LIMIT)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "websocket catch-up: read model query failed");
+                return self
+                    .send_json(&Outgoing::Error {
+                        code: "service_unavailable",
+                        message: "cannot read the timeline now; reconnect and resume".to_owned(),
+                    })
+                    .await;
+            }
+        };
+        for row in &rows {
+            self.send_step(row).await?;
+        }
+        Ok(())
+    }
+
+    /// Catches up every run of the user with entries since the connection opened.
+    async fn catch_up_all(&mut self) -> Result<(), Closed> {
+        let instances: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT instance_id FROM rm_timeline WHERE owner_id = $1 AND at >= $2",
+        )
+        .bind(&self.user)
+        .bind(self.since - chrono::Duration::seconds(5))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "websocket resync: read model query failed");
+            Vec::new()
+        });
+        for instance in instances {
+            let after = self.last.get(&instance).copied().unwrap_or(1);
+            self.fill(instance, after, i64::MAX).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a live update, first filling any gap before it, dropping it if already sent.
+    async fn deliver(&mut self, update: &ChatUpdate) -> Result<(), Closed> {
+        let last = self.last.get(&update.instance_id).copied().unwrap_or(1);
+        if update.sequence <= last {
+            return Ok(());
+        }
+        if update.sequence > last + 1 {
+            self.fill(update.instance_id, last, update.sequence).await?;
+        }
+        self.send_step(update).await
+    }
+
+    async fn send_step(&mut self, row: &ChatUpdate) -> Result<(), Closed> {
+        let last = self.last.get(&row.instance_id).copied().unwrap_or(1);
+        if row.sequence <= last {
+            return Ok(());
+        }
+        let message = StepMessage {
+            kind: &row.kind,
+            instance_id: row.instance_id,
+            sequence: row.sequence,
+            at: row.at,
+            data: &row.display,
+        };
+        self.send_json(&message).await?;
+        metrics::counter!("apex_ws_messages_sent_total").increment(1);
+        tracing::debug!(
+            trace_id = row.traceparent.as_deref().and_then(|t| t.get(3..35)),
+            instance_id = %row.instance_id,
+            sequence = row.sequence,
+            "sent to chat client"
+        );
+        self.last.insert(row.instance_id, row.sequence);
+        Ok(())
+    }
+}

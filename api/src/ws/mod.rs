@@ -1,0 +1,109 @@
+//! `GET /v1/ws`: live chat updates for the authenticated user's runs.
+
+pub mod connection;
+pub mod hub;
+
+use std::collections::HashMap;
+
+use apex_domain::ActorRole;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::request::Parts;
+use axum::response::Response;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::auth::bearer;
+use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
+
+/// The OpenAPI tag of this route.
+pub const TAG: &str = "chat";
+
+/// Largest frame a client may send.
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+/// The WebSocket route.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(chat_socket))
+}
+
+/// Query parameters of `GET /v1/ws`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WsQuery {
+    /// The bearer token, for browsers that cannot set the Authorization header.
+    pub token: Option<String>,
+    /// Resume points: `<instance_id>:<last sequence seen>` pairs, comma separated.
+    pub resume: Option<String>,
+}
+
+/// Live updates of your runs over WebSocket.
+///
+/// Authenticate with the Authorization header or the `token` query parameter (role user).
+/// Server → client: `{"type": "agent_started" | "agent_thinking" | "tool_executing" |
+/// "tool_completed" | "agent_completed" | "agent_failed" | "agent_cancelled", "instance_id",
+/// "sequence", "at", "data"}` with display data only; `{"type":"error","code","message"}`;
+/// `{"type":"resync_required"}` before closing with code 4008 when the client fell behind.
+/// Client → server: `{"type":"resume","instances":{"<instance_id>": <last sequence seen>}}`
+/// sends what was missed, then live updates, with no gap and no duplicate.
+#[utoipa::path(get, path = "/v1/ws", tag = TAG,
+    params(WsQuery),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade request, or a malformed `resume` (`invalid_query`)", body = ErrorBody),
+        (status = 401, description = "Missing, invalid or expired token (`missing_token`, `invalid_token`, `token_expired`)", body = ErrorBody),
+        (status = 403, description = "Only users have a chat (`role_not_allowed`)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn chat_socket(
+    State(state): State<AppState>,
+    parts: Parts,
+) -> Result<Response, ApiError> {
+    let query: Query<WsQuery> =
+        Query::try_from_uri(&parts.uri).map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let token = match bearer(&parts)? {
+        Some(token) => token.to_owned(),
+        None => query.token.clone().ok_or(ApiError::MissingToken)?,
+    };
+    let principal = state.auth.verify(&token)?;
+    principal.require(&[ActorRole::User])?;
+    let resume = parse_resume(query.resume.as_deref())?;
+    let mut parts = parts;
+    let upgrade =
+        <WebSocketUpgrade as axum::extract::FromRequestParts<AppState>>::from_request_parts(
+            &mut parts, &state,
+        )
+        .await
+        .map_err(|e| {
+            ApiError::InvalidQuery(format!("not a WebSocket upgrade: {}", e.body_text()))
+        })?;
+    let hub = state.hub.clone();
+    let pool = state.pool.clone();
+    let user = principal.actor.id;
+    Ok(upgrade
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| connection::serve(socket, hub, pool, user, resume)))
+}
+
+fn parse_resume(raw: Option<&str>) -> Result<HashMap<Uuid, i64>, ApiError> {
+    let mut out = HashMap::new();
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Ok(out);
+    };
+    for pair in raw.split(',') {
+        let parsed = pair
+            .split_once(':')
+            .and_then(|(id, seq)| Some((Uuid::parse_str(id).ok()?, seq.parse::<i64>().ok()?)));
+        let Some((id, seq)) = parsed.filter(|(_, s)| *s >= 0) else {
+            return Err(ApiError::InvalidQuery(format!(
+                "resume must be <instance_id>:<sequence>[,...]; got `{pair}`"
+            )));
+        };
+        out.insert(id, seq);
+    }
+    Ok(out)
+}

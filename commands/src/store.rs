@@ -1,0 +1,50 @@
+//! Connection pool, migrations and the cqrs-es event stores.
+//!
+//! Both stores run the domain upcasters ([`crate::upcast::DomainUpcaster`]) when they load
+//! events, so an aggregate always applies current-version events.
+
+use std::time::Duration;
+
+use apex_domain::{agent::Agent, instance::Instance};
+use cqrs_es::persist::PersistedEventStore;
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::upcast::DomainUpcaster;
+
+/// An Instance snapshot is written every this many events, so loading a long run reads at most
+/// this many events after the snapshot.
+pub const INSTANCE_SNAPSHOT_EVERY: usize = 100;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Opens a pool. Connections are established lazily so a process can start (and report
+/// unready) while the database is down.
+pub fn connect(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(options)
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// The Agent event store (agents have few events: no snapshots).
+pub fn agent_store(pool: PgPool) -> PersistedEventStore<PostgresEventRepository, Agent> {
+    PersistedEventStore::new_event_store(PostgresEventRepository::new(pool))
+        .with_upcasters(DomainUpcaster::<Agent>::boxed())
+}
+
+/// The Instance event store, with snapshots every [`INSTANCE_SNAPSHOT_EVERY`] events.
+pub fn instance_store(pool: PgPool) -> PersistedEventStore<PostgresEventRepository, Instance> {
+    PersistedEventStore::new_snapshot_store(
+        PostgresEventRepository::new(pool),
+        INSTANCE_SNAPSHOT_EVERY,
+    )
+    .with_upcasters(DomainUpcaster::<Instance>::boxed())
+}

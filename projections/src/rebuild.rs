@@ -1,0 +1,427 @@
+//! Rebuilds a read model from the event store without downtime for readers.
+//!
+//! 1. The read model's tables are copied empty into a private schema `rebuild_<name>`.
+//! 2. The store is replayed into the copy in `(transaction_id, position)` order, in batches of
+//!    the read model's aggregate type, with `search_path` pointing at the copy (the projection
+//!    code uses unqualified names). Readers and the live projector keep using the public tables
+//!    meanwhile. The four instance read models apply a batch set-based (see [`batch`]): the
+//!    batch is folded in memory with the projection rules, then written with a few `unnest`
+//!    statements, offsets included; a batch that is not a clean continuation of every stream
+//!    (a duplicate or a gap) falls back to the per-event path of the live projector.
+//! 3. Swap, in one transaction: take the read model's exclusive advisory lock (the live
+//!    projector holds it shared while it writes), apply what arrived since the replay started,
+//!    replace the public tables and the projector's offsets with the copy's, drop the schema.
+//!    Readers wait for that transaction (milliseconds), they never fail; events that arrive
+//!    later are applied by the live projector to the new tables as usual.
+//!
+//! One rebuild per read model runs at a time, across processes: [`try_start`] takes a session
+//! advisory lock without waiting. Every run is recorded in `projection_rebuilds` (status,
+//! events replayed so far, error); [`latest_runs`] reads the latest run of each read model.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::envelope::{DomainEvent, StoredEvent};
+use crate::projector::{apply_one, model_lock_key};
+use crate::read_models::ReadModel;
+use crate::store;
+
+mod batch;
+
+/// Events replayed per transaction.
+const BATCH: i64 = 10_000;
+
+/// Why a rebuild failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// Another rebuild of the same read model is running.
+    #[error("a rebuild of {0} is already running")]
+    AlreadyRunning(&'static str),
+    /// The store or the read model failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A stored event does not decode.
+    #[error("event {0} does not decode: {1}")]
+    Decode(String, String),
+}
+
+/// Progress of a rebuild.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Events replayed so far.
+    pub done: u64,
+    /// Events of the read model's aggregate type in the store when the rebuild started.
+    pub total: u64,
+    /// Events per second so far.
+    pub per_second: f64,
+}
+
+/// Rebuilds `model`, calling `progress` after each batch; returns the events replayed.
+///
+/// The same as [`try_start`] followed by [`Rebuild::run`].
+pub async fn rebuild(
+    pool: &PgPool,
+    model: ReadModel,
+    progress: impl FnMut(Progress),
+) -> Result<u64, RebuildError> {
+    try_start(pool, model).await?.run(progress).await
+}
+
+/// A started rebuild: it holds the read model's rebuild lock (a session advisory lock on a
+/// connection of its own) and its run is recorded as `running` in `projection_rebuilds`.
+///
+/// [`Rebuild::run`] performs it. Dropping it unrun closes the connection, which releases the
+/// lock; the run row is then marked failed by the next start of the same read model.
+pub struct Rebuild {
+    pool: PgPool,
+    model: ReadModel,
+    guard: PgConnection,
+    run_id: i64,
+    batch: i64,
+}
+
+/// Takes `model`'s rebuild lock and records a `running` run, without waiting: another rebuild
+/// of the same read model, in any process, answers [`RebuildError::AlreadyRunning`].
+///
+/// Call it before promising a rebuild to anyone (the admin API answers 202 or 409 on it), then
+/// [`Rebuild::run`] it, possibly in a background task.
+pub async fn try_start(pool: &PgPool, model: ReadModel) -> Result<Rebuild, RebuildError> {
+    let name = model.name();
+    let mut guard = pool.acquire().await?.detach();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(rebuild_lock_key(model))
+        .fetch_one(&mut guard)
+        .await?;
+    if !locked {
+        let _ = sqlx::Connection::close(guard).await;
+        return Err(RebuildError::AlreadyRunning(name));
+    }
+    // We hold the lock, so a run still marked running lost its process (and its lock).
+    sqlx::query(
+        "UPDATE projection_rebuilds
+            SET status = 'failed', finished_at = now(),
+                error = 'interrupted: the process running it stopped'
+          WHERE projection = $1 AND status = 'running'",
+    )
+    .bind(name)
+    .execute(&mut guard)
+    .await?;
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO projection_rebuilds (projection, status) VALUES ($1, 'running') RETURNING id",
+    )
+    .bind(name)
+    .fetch_one(&mut guard)
+    .await?;
+    Ok(Rebuild {
+        pool: pool.clone(),
+        model,
+        guard,
+        run_id,
+        batch: BATCH,
+    })
+}
+
+impl Rebuild {
+    /// The read model being rebuilt.
+    pub fn model(&self) -> ReadModel {
+        self.model
+    }
+
+    /// The run's id in `projection_rebuilds`.
+    pub fn run_id(&self) -> i64 {
+        self.run_id
+    }
+
+    /// Replays `events` per transaction instead of the default (small batches let tests cross
+    /// batch boundaries in the middle of a run).
+    pub fn batch_size(mut self, events: i64) -> Self {
+        self.batch = events.max(1);
+        self
+    }
+
+    /// Replays and swaps, calling `progress` after each batch; records the outcome and
+    /// releases the lock. Returns the events replayed.
+    pub async fn run(mut self, mut progress: impl FnMut(Progress)) -> Result<u64, RebuildError> {
+        let (pool, model, run_id) = (self.pool.clone(), self.model, self.run_id);
+        let result = run(
+            &pool,
+            model,
+            &mut self.guard,
+            run_id,
+            self.batch,
+            &mut progress,
+        )
+        .await;
+        let (status, events, error) = match &result {
+            Ok(n) => ("succeeded", Some(*n as i64), None),
+            Err(e) => ("failed", None, Some(e.to_string())),
+        };
+        sqlx::query(
+            "UPDATE projection_rebuilds
+                SET status = $2, events = COALESCE($3, events), error = $4, finished_at = now()
+              WHERE id = $1",
+        )
+        .bind(run_id)
+        .bind(status)
+        .bind(events)
+        .bind(error)
+        .execute(&mut self.guard)
+        .await?;
+        if result.is_err() {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", schema(model)))
+                .execute(&pool)
+                .await;
+        }
+        let _ = sqlx::Connection::close(self.guard).await;
+        result
+    }
+}
+
+fn schema(model: ReadModel) -> String {
+    format!("rebuild_{}", model.name())
+}
+
+fn rebuild_lock_key(model: ReadModel) -> i64 {
+    model_lock_key(model) ^ 0x5245_4255_494c_4400 // "REBUILD"
+}
+
+/// One run of a rebuild, as recorded in `projection_rebuilds`.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct RebuildRun {
+    /// The run's id.
+    pub id: i64,
+    /// The read model.
+    pub projection: String,
+    /// `running`, `succeeded`, `failed`, or `interrupted` (recorded as running, but its
+    /// process died: nobody holds the lock any more).
+    pub status: String,
+    /// Events replayed (so far, while running).
+    pub events: i64,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The latest run of each read model that was ever rebuilt, by name.
+///
+/// A run recorded as `running` reads as `interrupted` when nobody holds its lock. The locks are
+/// read before the runs (two statements, two snapshots): a run that finished in between
+/// already reads as finished, and one that started in between is recognized by its start time.
+pub async fn latest_runs(pool: &PgPool) -> Result<Vec<RebuildRun>, sqlx::Error> {
+    // A bigint advisory key shows in pg_locks as classid (high half) and objid (low half).
+    let (checked_at, held): (DateTime<Utc>, Vec<i64>) = sqlx::query_as(
+        "SELECT clock_timestamp(),
+                COALESCE((SELECT array_agg((l.classid::int8 << 32) | l.objid::int8)
+                            FROM pg_locks l
+                           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                             AND l.database = (SELECT oid FROM pg_database
+                                                WHERE datname = current_database())),
+                         '{}')",
+    )
+    .fetch_one(pool)
+    .await?;
+    let running: Vec<&str> = ReadModel::ALL
+        .iter()
+        .filter(|m| held.contains(&rebuild_lock_key(**m)))
+        .map(|m| m.name())
+        .collect();
+    sqlx::query_as(
+        "SELECT DISTINCT ON (projection)
+                id, projection,
+                CASE WHEN status = 'running' AND NOT projection = ANY ($1) AND started_at < $2
+                     THEN 'interrupted' ELSE status END AS status,
+                events, started_at, finished_at, error
+           FROM projection_rebuilds
+          ORDER BY projection, started_at DESC, id DESC",
+    )
+    .bind(running)
+    .bind(checked_at)
+    .fetch_all(pool)
+    .await
+}
+
+async fn run(
+    pool: &PgPool,
+    model: ReadModel,
+    guard: &mut PgConnection,
+    run_id: i64,
+    batch: i64,
+    progress: &mut impl FnMut(Progress),
+) -> Result<u64, RebuildError> {
+    let schema = schema(model);
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = $1")
+        .bind(model.aggregate_type())
+        .fetch_one(pool)
+        .await?;
+    {
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&mut *tx)
+            .await?;
+        for table in model
+            .tables()
+            .iter()
+            .chain(&["projector_offsets", "projector_status"])
+        {
+            sqlx::query(&format!(
+                "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.projector_status (projector) VALUES ($1)"
+        ))
+        .bind(model.name())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    let started = Instant::now();
+    let mut checkpoint = (0i64, 0i64);
+    let mut done = 0u64;
+    loop {
+        let mut tx = pool.begin().await?;
+        let applied = replay_batch(&mut tx, model, &schema, batch, &mut checkpoint).await?;
+        tx.commit().await?;
+        done += applied.events;
+        sqlx::query("UPDATE projection_rebuilds SET events = $2 WHERE id = $1")
+            .bind(run_id)
+            .bind(done as i64)
+            .execute(&mut *guard)
+            .await?;
+        progress(Progress {
+            done,
+            total: total.max(0) as u64,
+            per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        });
+        if !applied.full {
+            break;
+        }
+    }
+    // Swap.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(model_lock_key(model))
+        .execute(&mut *tx)
+        .await?;
+    loop {
+        let applied = replay_batch(&mut tx, model, &schema, batch, &mut checkpoint).await?;
+        done += applied.events;
+        if !applied.full {
+            break;
+        }
+    }
+    sqlx::query("SET LOCAL search_path = public")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM public.projector_offsets WHERE projector = $1")
+        .bind(model.name())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "INSERT INTO public.projector_offsets SELECT * FROM {schema}.projector_offsets"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    for table in model.tables() {
+        sqlx::query(&format!("DROP TABLE public.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA public"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    progress(Progress {
+        done,
+        total: total.max(0) as u64,
+        per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    });
+    Ok(done)
+}
+
+struct Batch {
+    events: u64,
+    full: bool,
+}
+
+/// Applies the next batch of the store after `checkpoint` to the copy in `schema`.
+async fn replay_batch(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    schema: &str,
+    batch: i64,
+    checkpoint: &mut (i64, i64),
+) -> Result<Batch, RebuildError> {
+    sqlx::query(&format!("SET LOCAL search_path = {schema}, public"))
+        .execute(&mut *conn)
+        .await?;
+    // Only the read model's aggregate type: the checkpoint moves over the rest unread. The
+    // ORDER BY names the table's columns: a bare `transaction_id` would be the bigint output
+    // column of EVENT_COLUMNS, which the (transaction_id, position) index cannot deliver, so
+    // every batch would sort the whole rest of the store.
+    let sql = format!(
+        "SELECT {} FROM events
+          WHERE aggregate_type = $1
+            AND (transaction_id, position) > ($2::text::xid8, $3)
+            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY events.transaction_id, events.position
+          LIMIT $4",
+        store::EVENT_COLUMNS
+    );
+    let rows = sqlx::query(&sql)
+        .bind(model.aggregate_type())
+        .bind(checkpoint.0.to_string())
+        .bind(checkpoint.1)
+        .bind(batch)
+        .fetch_all(&mut *conn)
+        .await?;
+    let full = rows.len() as i64 == batch;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let stored = store::from_row(row)?;
+        let event = stored.decode().map_err(|e| {
+            RebuildError::Decode(
+                format!("{}#{}", stored.aggregate_id, stored.sequence),
+                e.to_string(),
+            )
+        })?;
+        events.push((stored, event));
+    }
+    if let Some((last, _)) = events.last() {
+        *checkpoint = (last.transaction_id, last.position);
+    }
+    let applied = events.len() as u64;
+    if model == ReadModel::Agents || !batch::apply(conn, model, &events).await? {
+        per_event(conn, model, &events).await?;
+    }
+    Ok(Batch {
+        events: applied,
+        full,
+    })
+}
+
+/// The live projector's path, one event at a time (duplicates skipped, gaps repaired).
+async fn per_event(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    events: &[(StoredEvent, DomainEvent)],
+) -> Result<(), RebuildError> {
+    for (stored, event) in events {
+        apply_one(conn, model, stored, event).await?;
+    }
+    Ok(())
+}

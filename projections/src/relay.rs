@@ -1,0 +1,270 @@
+//! The relay: publishes the events table to RabbitMQ, in a gap-free order, at least once.
+//!
+//! * Order: `(transaction_id, position)`, reading only below the snapshot horizon
+//!   `pg_snapshot_xmin(pg_current_snapshot())`, so an event of a transaction that commits late
+//!   can never land behind the checkpoint (see [`crate::store::after_checkpoint`]).
+//! * Delivery: each batch is published with publisher confirms, pipelined; the checkpoint (one
+//!   row) advances only after every message of the batch was confirmed. A crash between
+//!   publish and checkpoint republishes the batch: consumers deduplicate by aggregate sequence.
+//! * One publisher: a session-level advisory lock, held on the connection that also writes
+//!   the checkpoint. A standby replica waits for the lock and takes over when the holder dies.
+//! * Latency: `LISTEN apex_events` wakes the relay when a transaction that appended commits;
+//!   a poll interval is the safety net.
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::watch;
+
+use crate::amqp::{self, AmqpConfig, Backoff, BusError};
+use crate::envelope::{CONTENT_TYPE, StoredEvent};
+use crate::projector::{self, ProjectorConfig};
+use crate::read_models::ReadModel;
+use crate::store;
+
+/// Advisory lock key held by the active relay.
+const RELAY_LOCK_KEY: i64 = 0x0061_7065_785f_726c; // "apex_rl"
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Broker and exchange.
+    pub amqp: AmqpConfig,
+    /// Checkpoint row name.
+    pub name: String,
+    /// Most events per batch.
+    pub batch_size: i64,
+    /// Safety-net poll interval.
+    pub poll_interval: Duration,
+    /// The projector queue prefix; the relay declares those queues before publishing, so no
+    /// event is unroutable while a projector has never run.
+    pub projector_queue_prefix: String,
+}
+
+impl RelayConfig {
+    /// Defaults for `amqp`.
+    pub fn new(amqp: AmqpConfig) -> Self {
+        Self {
+            amqp,
+            name: "main".to_owned(),
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+            projector_queue_prefix: "apex.projector".to_owned(),
+        }
+    }
+}
+
+/// Why a relay session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// PostgreSQL failed (the lock may be lost).
+    #[error("relay database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The broker failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// An event could not be turned into a message (a bug; nothing is skipped).
+    #[error("cannot encode event {event_id}: {reason}")]
+    Encode {
+        /// The event.
+        event_id: uuid::Uuid,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Runs the relay until `shutdown` turns true: waits for the lock, then publishes; after any
+/// failure it backs off and starts over from the stored checkpoint.
+pub async fn run(pool: PgPool, config: RelayConfig, mut shutdown: watch::Receiver<bool>) {
+    let initial = Duration::from_millis(200);
+    let mut backoff = Backoff::new(initial, Duration::from_secs(10));
+    while !*shutdown.borrow() {
+        let started = std::time::Instant::now();
+        match session(&pool, &config, &mut shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff.reset(initial);
+                }
+                let delay = backoff.next_delay();
+                tracing::error!(error = %e, retry_in = ?delay, "relay session failed");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {},
+                    _ = shutdown.changed() => {},
+                }
+            }
+        }
+    }
+}
+
+/// One session: lock, connect, publish until shutdown or failure.
+async fn session(
+    pool: &PgPool,
+    config: &RelayConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), RelayError> {
+    let mut lock_conn = pool.acquire().await?.detach();
+    loop {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RELAY_LOCK_KEY)
+            .fetch_one(&mut lock_conn)
+            .await?;
+        if locked {
+            break;
+        }
+        tracing::debug!("another relay holds the lock; standing by");
+        tokio::select! {
+            () = tokio::time::sleep(config.poll_interval) => {},
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    tracing::info!("relay lock acquired; publishing");
+    sqlx::query("INSERT INTO relay_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(&config.name)
+        .execute(&mut lock_conn)
+        .await?;
+
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen("apex_events").await?;
+
+    let connection = amqp::connect(&config.amqp, &format!("apex-relay-{}", config.name)).await?;
+    let channel = amqp::confirm_channel(&connection).await?;
+    amqp::declare_exchange(&channel, &config.amqp.exchange).await?;
+    let mut projectors = ProjectorConfig::new(config.amqp.clone());
+    projectors.queue_prefix = config.projector_queue_prefix.clone();
+    for model in ReadModel::ALL {
+        projector::declare(&channel, &projectors, model).await?;
+    }
+
+    let result = publish_loop(
+        pool,
+        config,
+        &mut lock_conn,
+        &mut listener,
+        &channel,
+        shutdown,
+    )
+    .await;
+    let _ = connection.close(200, "relay stopping".into()).await;
+    let _ = lock_conn.close().await;
+    result
+}
+
+async fn publish_loop(
+    pool: &PgPool,
+    config: &RelayConfig,
+    lock_conn: &mut PgConnection,
+    listener: &mut PgListener,
+    channel: &Channel,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), RelayError> {
+    let (mut xid, mut position): (i64, i64) = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position FROM relay_checkpoints WHERE name = $1",
+    )
+    .bind(&config.name)
+    .fetch_one(&mut *lock_conn)
+    .await?;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
+        if let Some(last) = batch.last() {
+            publish_batch(channel, &config.amqp.exchange, &batch).await?;
+            (xid, position) = (last.transaction_id, last.position);
+            // Written on the lock connection: if the lock was lost with its connection, this
+            // fails and the session ends instead of racing the new holder.
+            sqlx::query(
+                "UPDATE relay_checkpoints
+                    SET transaction_id = $2::text::xid8, position = $3,
+                        published_total = published_total + $4, updated_at = now()
+                  WHERE name = $1",
+            )
+            .bind(&config.name)
+            .bind(xid.to_string())
+            .bind(position)
+            .bind(batch.len() as i64)
+            .execute(&mut *lock_conn)
+            .await?;
+            tracing::debug!(count = batch.len(), position, "published batch");
+            metrics::counter!("apex_relay_published_total").increment(batch.len() as u64);
+            metrics::counter!("apex_relay_batches_total").increment(1);
+            if batch.len() as i64 == config.batch_size {
+                continue;
+            }
+        }
+        tokio::select! {
+            notification = listener.recv() => { notification?; },
+            () = tokio::time::sleep(config.poll_interval) => {},
+            _ = shutdown.changed() => {},
+        }
+    }
+}
+
+/// Publishes `batch` pipelined and waits for every confirm.
+pub async fn publish_batch(
+    channel: &Channel,
+    exchange: &str,
+    batch: &[StoredEvent],
+) -> Result<(), RelayError> {
+    let mut confirms = Vec::with_capacity(batch.len());
+    for event in batch {
+        let (routing_key, body, properties) = encode(event)?;
+        tracing::trace!(
+            trace_id = event.traceparent.as_deref().and_then(|t| t.get(3..35)),
+            routing_key,
+            sequence = event.sequence,
+            "publishing"
+        );
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await
+            .map_err(BusError::from)?;
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        let confirmation = confirm.await.map_err(BusError::from)?;
+        if !confirmation.is_ack() {
+            return Err(BusError::Nacked.into());
+        }
+    }
+    Ok(())
+}
+
+/// The routing key, body and properties of the message for `event`.
+pub fn encode(event: &StoredEvent) -> Result<(String, Vec<u8>, BasicProperties), RelayError> {
+    let encode_err = |reason: String| RelayError::Encode {
+        event_id: event.event_id,
+        reason,
+    };
+    let routing_key = event.routing_key().map_err(|e| encode_err(e.to_string()))?;
+    let cloud_event = event
+        .to_cloud_event()
+        .map_err(|e| encode_err(e.to_string()))?;
+    let body = serde_json::to_vec(&cloud_event).map_err(|e| encode_err(e.to_string()))?;
+    let mut headers = FieldTable::default();
+    if let Some(traceparent) = &event.traceparent {
+        headers.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(traceparent.as_str().into()),
+        );
+    }
+    let properties = BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(event.event_id.to_string().into())
+        .with_timestamp(u64::try_from(event.recorded_at.timestamp()).unwrap_or(0))
+        .with_type(cloud_event.kind.as_str().into())
+        .with_headers(headers);
+    Ok((routing_key, body, properties))
+}

@@ -1,0 +1,228 @@
+//! Builds the application from settings: database, migrations, services, HTTP listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use apex_api::AppState;
+use apex_api::auth::{Authenticator, KeyMaterial};
+use apex_commands::{CommandService, RetryPolicy};
+use apex_projections::ReadModel;
+use apex_projections::projector::{self, ProjectorConfig};
+use apex_projections::relay::{self, RelayConfig};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{DatabaseSettings, JwtAlgorithm, Settings};
+
+/// Creates the database when missing (if allowed), connects and applies migrations.
+pub async fn prepare_database(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    if settings.create_if_missing {
+        create_database(settings).await?;
+    }
+    let pool = apex_commands::connect(settings.options(), settings.max_connections);
+    apex_commands::migrate(&pool)
+        .await
+        .with_context(|| format!("applying migrations to database {}", settings.name))?;
+    Ok(pool)
+}
+
+async fn create_database(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    let mut conn = PgConnection::connect_with(&settings.server_options())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}:{}",
+                settings.host, settings.port
+            )
+        })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&settings.name)
+            .fetch_one(&mut conn)
+            .await
+            .context("checking whether the database exists")?;
+    if !exists {
+        let quoted = settings.name.replace('"', "\"\"");
+        match sqlx::query(&format!("CREATE DATABASE \"{quoted}\""))
+            .execute(&mut conn)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %settings.name, "created database"),
+            // Another replica created it between the check and the create.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).context(format!("creating database {}", settings.name)),
+        }
+    }
+    Ok(())
+}
+
+/// The token verifier described by the settings.
+pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
+    let auth = &settings.auth;
+    let keys = match auth.algorithm {
+        JwtAlgorithm::HS256 => KeyMaterial::Hs256 {
+            secret: auth.key.expose().as_bytes().to_vec(),
+        },
+        JwtAlgorithm::RS256 => KeyMaterial::Rs256 {
+            public_key_pem: auth.key.expose().as_bytes().to_vec(),
+        },
+    };
+    Authenticator::new(keys, &auth.issuer, &auth.audience)
+        .map_err(|e| anyhow::anyhow!("auth settings (APEX_JWT_SECRET / APEX_JWT_PUBLIC_KEY): {e}"))
+}
+
+/// A built, bound, not yet running HTTP application.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    /// The application state (for processes that run more than the API).
+    pub state: AppState,
+}
+
+impl Application {
+    /// Prepares the database and binds the listener (port 0 picks a free port).
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let pool = prepare_database(&settings.database).await?;
+        Self::build_with_pool(settings, pool).await
+    }
+
+    /// Like [`Application::build`] over an existing, migrated pool.
+    pub async fn build_with_pool(settings: &Settings, pool: PgPool) -> anyhow::Result<Self> {
+        let state = AppState {
+            commands: Arc::new(CommandService::new(pool.clone(), RetryPolicy::default())),
+            pool,
+            auth: Arc::new(authenticator(settings)?),
+            body_limit: settings.http.body_limit_bytes,
+            broker: settings.amqp.config(),
+            metrics: apex_api::metrics::install(),
+            hub: apex_api::ws::hub::Hub::start(settings.amqp.config()),
+            rate_limiter: Arc::new(apex_api::rate_limit::RateLimiter::new(
+                settings.rate_limit.limits(),
+            )),
+        };
+        let address = format!("{}:{}", settings.http.host, settings.http.port);
+        let listener = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding {address} (http.host, http.port)"))?;
+        Ok(Self {
+            listener,
+            router: apex_api::router(state.clone()),
+            state,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(address = %self.listener.local_addr()?, "HTTP API listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")
+    }
+}
+
+/// Parses `--only` read-model names; empty means all.
+pub fn parse_models(names: &[String]) -> anyhow::Result<Vec<ReadModel>> {
+    if names.is_empty() {
+        return Ok(ReadModel::ALL.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| n.parse::<ReadModel>().map_err(|e| anyhow::anyhow!(e)))
+        .collect()
+}
+
+/// Background workers: the relay and projectors, stopped together.
+pub struct Workers {
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Starts the relay (when `relay`) and a projector per model.
+    pub fn start(settings: &Settings, pool: PgPool, relay: bool, models: &[ReadModel]) -> Self {
+        Self::start_with_prefix(settings, pool, relay, models, "apex.projector")
+    }
+
+    /// Like [`Workers::start`] with projector queues named `<queue_prefix>.<read model>`.
+    pub fn start_with_prefix(
+        settings: &Settings,
+        pool: PgPool,
+        relay: bool,
+        models: &[ReadModel],
+        queue_prefix: &str,
+    ) -> Self {
+        let (shutdown, receiver) = watch::channel(false);
+        let amqp = settings.amqp.config();
+        let mut tasks = Vec::new();
+        if relay {
+            let mut config = RelayConfig::new(amqp.clone());
+            config.projector_queue_prefix = queue_prefix.to_owned();
+            tasks.push(tokio::spawn(relay::run(
+                pool.clone(),
+                config,
+                receiver.clone(),
+            )));
+        }
+        for model in models {
+            let mut config = ProjectorConfig::new(amqp.clone());
+            config.queue_prefix = queue_prefix.to_owned();
+            tasks.push(tokio::spawn(projector::run(
+                pool.clone(),
+                *model,
+                config,
+                receiver.clone(),
+            )));
+        }
+        Self { shutdown, tasks }
+    }
+
+    /// Signals every worker to stop and waits for them.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "a worker task panicked");
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested");
+}

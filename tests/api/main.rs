@@ -1,0 +1,17 @@
+//! End-to-end tests of the HTTP API over the real PostgreSQL: each test gets its own database
+//! and its own app on port 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod helpers;
+
+mod audit;
+mod audit_history;
+mod audit_tamper;
+mod auth;
+mod commands;
+mod concurrency;
+mod openapi;
+mod outage;
+mod queries;
+mod rebuild;
+mod snapshots;

@@ -1,0 +1,7 @@
+//! Full-stack audit and rebuild tests: their own database, uniquely named exchanges and queues,
+//! the API on port 0, the relay and every projector in-process.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod helpers;
+
+mod rebuild;

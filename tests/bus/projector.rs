@@ -1,0 +1,193 @@
+//! Projectors apply each event once per read model, repair gaps from the store and park
+//! poison messages in a dead-letter queue without stalling.
+
+use std::time::Duration;
+
+use apex_projections::ReadModel;
+use futures::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::helpers::{Bus, bus};
+
+/// Publishes the stored events of `aggregate` with the given sequences, in that order, straight
+/// into `model`'s queue.
+async fn inject(bus: &Bus, model: ReadModel, aggregate: &str, sequences: &[i64]) {
+    let channel = apex_projections::amqp::confirm_channel(&bus.connection)
+        .await
+        .unwrap();
+    let queue = bus.projector_config().queue(model);
+    let mut conn = bus.pool.acquire().await.unwrap();
+    let events = apex_projections::store::aggregate_range(
+        &mut conn,
+        model.aggregate_type(),
+        aggregate,
+        1,
+        1000,
+    )
+    .await
+    .unwrap();
+    for s in sequences {
+        let event = &events[(*s - 1) as usize];
+        let (_, body, properties) = apex_projections::relay::encode(event).unwrap();
+        publish(&channel, &queue, &body, properties).await;
+    }
+}
+
+async fn publish(channel: &lapin::Channel, queue: &str, body: &[u8], properties: BasicProperties) {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+}
+
+#[tokio::test]
+async fn duplicate_and_out_of_order_deliveries_leave_the_read_models_exact() {
+    let bus = bus().await;
+    bus.declare_projectors().await;
+    bus.agent("triage", &["search"]).await;
+    let id = bus.run("user-1", "triage").await;
+    bus.think(&id, 4).await; // sequences 1..=6
+    for model in [
+        ReadModel::Instances,
+        ReadModel::Timeline,
+        ReadModel::AgentStats,
+        ReadModel::Usage,
+    ] {
+        inject(&bus, model, &id, &[1, 2, 2, 4, 3, 6, 5, 1, 6]).await;
+    }
+    let mut conn = bus.pool.acquire().await.unwrap();
+    let agent_events =
+        apex_projections::store::aggregate_range(&mut conn, "agent", "triage", 1, 10)
+            .await
+            .unwrap();
+    drop(conn);
+    assert_eq!(agent_events.len(), 2);
+    inject(&bus, ReadModel::Agents, "triage", &[2, 1, 2]).await;
+
+    let tasks = bus.spawn_projectors();
+    bus.wait_projected(Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the trailing duplicates arrive
+    assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
+    let timeline: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM rm_timeline ORDER BY sequence")
+            .fetch_all(&bus.pool)
+            .await
+            .unwrap();
+    assert_eq!(timeline, vec![1, 2, 3, 4, 5, 6]);
+    let (repaired, skipped): (i64, i64) = sqlx::query_as(
+        "SELECT repaired_total, skipped_total FROM projector_status WHERE projector = 'timeline'",
+    )
+    .fetch_one(&bus.pool)
+    .await
+    .unwrap();
+    assert!(
+        repaired >= 1,
+        "sequence 4 before 3 was repaired from the store"
+    );
+    // 2 (again), 3 and 5 (already filled by gap repair), 1 and 6 (again).
+    assert_eq!(skipped, 5, "duplicates and late deliveries are skipped");
+    bus.finish(tasks).await;
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_still_project() {
+    let bus = bus().await;
+    bus.declare_projectors().await;
+    bus.agent("triage", &["search"]).await;
+    let id = bus.run("user-1", "triage").await;
+    let channel = apex_projections::amqp::confirm_channel(&bus.connection)
+        .await
+        .unwrap();
+    let queue = bus.projector_config().queue(ReadModel::Timeline);
+    publish(
+        &channel,
+        &queue,
+        b"this is not json",
+        BasicProperties::default(),
+    )
+    .await;
+    let unknown = serde_json::json!({
+        "specversion": "1.0", "id": uuid::Uuid::new_v4(), "source": "/apex/event-store",
+        "type": "apex.instance.teleported.v1", "subject": id, "time": "2026-01-01T00:00:00Z",
+        "datacontenttype": "application/json", "dataschema": "apex:event_schemas/instance/teleported.v1.json",
+        "data": {}, "sequence": 3, "position": 99,
+        "correlationid": uuid::Uuid::new_v4(), "causationid": uuid::Uuid::new_v4()
+    });
+    publish(
+        &channel,
+        &queue,
+        unknown.to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    inject(&bus, ReadModel::Timeline, &id, &[1, 2]).await;
+
+    let tasks = bus.spawn_projectors();
+    for _ in 0..200 {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_timeline")
+            .fetch_one(&bus.pool)
+            .await
+            .unwrap();
+        if n == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let timeline: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM rm_timeline ORDER BY sequence")
+            .fetch_all(&bus.pool)
+            .await
+            .unwrap();
+    assert_eq!(timeline, vec!["instance_created", "agent_started"]);
+
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM dead_letters WHERE projector = 'timeline' ORDER BY id",
+    )
+    .fetch_all(&bus.pool)
+    .await
+    .unwrap();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("not a CloudEvent"), "{reasons:?}");
+    assert!(reasons[1].contains("unknown event type"), "{reasons:?}");
+
+    let dlq_channel = bus.connection.create_channel().await.unwrap();
+    let mut consumer = dlq_channel
+        .basic_consume(
+            format!("{queue}.dlq").as_str().into(),
+            "dlq-reader".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut dead = Vec::new();
+    while dead.len() < 2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let reason = match headers.inner().get("x-apex-reason") {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("no reason header: {other:?}"),
+        };
+        dead.push((String::from_utf8_lossy(&delivery.data).into_owned(), reason));
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(dead[0].0, "this is not json");
+    assert!(dead[0].1.contains("not a CloudEvent"));
+    assert!(dead[1].1.contains("unknown event type"));
+    bus.finish(tasks).await;
+}

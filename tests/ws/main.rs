@@ -1,0 +1,9 @@
+//! Chat WebSocket tests over the whole real stack: HTTP commands → event store → relay →
+//! RabbitMQ → timeline projector → chat exchange → API replica → WebSocket client.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod helpers;
+
+mod hostile;
+mod live;
+mod metrics;
