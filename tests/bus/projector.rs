@@ -101,6 +101,49 @@ async fn duplicate_and_out_of_order_deliveries_leave_the_read_models_exact() {
 }
 
 #[tokio::test]
+async fn runs_of_one_user_delivered_in_reverse_order_project_as_a_replay_does() {
+    let bus = bus().await;
+    bus.declare_projectors().await;
+    bus.agent("triage", &["search"]).await;
+    let first = bus.run("user-1", "triage").await;
+    let second = bus.run("user-1", "triage").await;
+    bus.think(&second, 1).await;
+    // The later run reaches the projectors before the earlier one: nothing orders deliveries
+    // across aggregates, and the usage totals must not depend on it.
+    for model in [
+        ReadModel::Instances,
+        ReadModel::Timeline,
+        ReadModel::AgentStats,
+        ReadModel::Usage,
+    ] {
+        inject(&bus, model, &second, &[1, 2, 3]).await;
+        inject(&bus, model, &first, &[1, 2]).await;
+    }
+    inject(&bus, ReadModel::Agents, "triage", &[1, 2]).await;
+    let tasks = bus.spawn_projectors();
+    bus.wait_projected(Duration::from_secs(20)).await;
+    assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
+    let (instances, first_seen): (i64, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT instances, first_seen_at FROM rm_usage WHERE user_id = 'user-1'")
+            .fetch_one(&bus.pool)
+            .await
+            .unwrap();
+    let created: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT recorded_at FROM events WHERE aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(&first)
+    .fetch_one(&bus.pool)
+    .await
+    .unwrap();
+    assert_eq!(instances, 2);
+    assert_eq!(
+        first_seen, created,
+        "first seen is the earlier run's creation"
+    );
+    bus.finish(tasks).await;
+}
+
+#[tokio::test]
 async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_still_project() {
     let bus = bus().await;
     bus.declare_projectors().await;

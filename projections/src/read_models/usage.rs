@@ -1,4 +1,8 @@
 //! `rm_usage`: per user, runs by outcome, thoughts and tool calls.
+//!
+//! Projectors see the runs of different instances in delivery order, and a rebuild sees them in
+//! commit order; neither is the order of `recorded_at`. So every column is order-independent:
+//! counters add, `first_seen_at` is a minimum and `last_seen_at` a maximum.
 
 use apex_domain::instance::InstanceEvent;
 use sqlx::PgConnection;
@@ -24,6 +28,7 @@ pub(super) async fn apply(
              VALUES ($1, 1, $2, $2)
              ON CONFLICT (user_id) DO UPDATE
                 SET instances = rm_usage.instances + 1,
+                    first_seen_at = LEAST(rm_usage.first_seen_at, $2),
                     last_seen_at = GREATEST(rm_usage.last_seen_at, $2)",
         )
         .bind(owner_id)

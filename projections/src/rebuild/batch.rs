@@ -587,7 +587,7 @@ async fn agent_stats(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(),
 /// Counter deltas of one user.
 struct UserDelta {
     counts: [i64; 6],
-    first_seen: Option<DateTime<Utc>>,
+    first_seen: DateTime<Utc>,
     last_seen: DateTime<Utc>,
 }
 
@@ -623,18 +623,17 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
         };
         // An event of a run without an owner row changes nothing (as the UPDATE would).
         let Some(user) = owners.get(id) else { continue };
-        let created = matches!(event, InstanceEvent::InstanceCreated { .. });
+        // A run's creation is its earliest event, so the minimum over all events is the
+        // minimum over creations; batches arrive in commit order, not in `recorded_at` order.
         let delta = users.entry(user.clone()).or_insert(UserDelta {
             counts: [0; 6],
-            first_seen: None,
+            first_seen: at,
             last_seen: at,
         });
         for (total, n) in delta.counts.iter_mut().zip(counts) {
             *total += n;
         }
-        if created && delta.first_seen.is_none() {
-            delta.first_seen = Some(at);
-        }
+        delta.first_seen = delta.first_seen.min(at);
         delta.last_seen = delta.last_seen.max(at);
     }
     sqlx::query(
@@ -656,13 +655,9 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
         names
             .iter()
             .map(|n| {
-                users.get(n).map(|d| {
-                    if first {
-                        d.first_seen.unwrap_or(d.last_seen)
-                    } else {
-                        d.last_seen
-                    }
-                })
+                users
+                    .get(n)
+                    .map(|d| if first { d.first_seen } else { d.last_seen })
             })
             .collect()
     };
@@ -679,6 +674,7 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
              cancelled = rm_usage.cancelled + EXCLUDED.cancelled,
              thoughts = rm_usage.thoughts + EXCLUDED.thoughts,
              tool_calls = rm_usage.tool_calls + EXCLUDED.tool_calls,
+             first_seen_at = LEAST(rm_usage.first_seen_at, EXCLUDED.first_seen_at),
              last_seen_at = GREATEST(rm_usage.last_seen_at, EXCLUDED.last_seen_at)",
     )
     .bind(&names)
