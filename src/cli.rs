@@ -193,9 +193,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => {
-            crate::telemetry::init(&settings.log);
+            let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
             let app = Application::build(&settings).await?;
-            app.run_until(startup::shutdown_signal()).await
+            let result = app.run_until(startup::shutdown_signal()).await;
+            telemetry.shutdown();
+            result
         }
         Command::Demo { url } => {
             let host = if settings.http.host == "0.0.0.0" {
@@ -257,24 +259,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Relay => {
-            crate::telemetry::init(&settings.log);
+            let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
             let pool = startup::prepare_database(&settings.database).await?;
             let workers = startup::Workers::start(&settings, pool, true, &[]);
             startup::shutdown_signal().await;
             workers.stop().await;
+            telemetry.shutdown();
             Ok(())
         }
         Command::Project { only } => {
-            crate::telemetry::init(&settings.log);
+            let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
             let models = startup::parse_models(&only)?;
             let pool = startup::prepare_database(&settings.database).await?;
             let workers = startup::Workers::start(&settings, pool, false, &models);
             startup::shutdown_signal().await;
             workers.stop().await;
+            telemetry.shutdown();
             Ok(())
         }
         Command::All => {
-            crate::telemetry::init(&settings.log);
+            let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
             let app = Application::build(&settings).await?;
             let workers = startup::Workers::start(
                 &settings,
@@ -284,6 +288,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let result = app.run_until(startup::shutdown_signal()).await;
             workers.stop().await;
+            telemetry.shutdown();
             result
         }
     }

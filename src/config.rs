@@ -108,6 +108,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Per-principal command rate limits.
     pub rate_limit: RateLimitSettings,
+    /// Optional OpenTelemetry trace export.
+    pub otlp: OtlpSettings,
 }
 
 /// HTTP server settings.
@@ -259,6 +261,58 @@ pub struct LogSettings {
     pub filter: String,
 }
 
+/// Body encoding of OTLP over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    /// `application/x-protobuf`, the OTLP/HTTP default.
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// `application/json`.
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
+/// OpenTelemetry trace export over OTLP/HTTP (see docs/operations/observability.md). Off unless
+/// `enabled`; when on, the spans of `serve`, `relay`, `project` and `all` are exported in batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpSettings {
+    /// Export spans.
+    pub enabled: bool,
+    /// The collector's full traces URL, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub endpoint: String,
+    /// Body encoding.
+    pub protocol: OtlpProtocol,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// How long one export request may take.
+    pub timeout_ms: u64,
+}
+
+impl OtlpSettings {
+    fn validate(&self) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let scheme_ok = ["http://", "https://"]
+            .iter()
+            .any(|p| self.endpoint.starts_with(p) && self.endpoint.len() > p.len());
+        if !scheme_ok {
+            return Err(format!(
+                "otlp.endpoint must be an http:// or https:// URL, got {:?}",
+                self.endpoint
+            ));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err("otlp.service_name must not be empty".to_owned());
+        }
+        if self.timeout_ms == 0 {
+            return Err("otlp.timeout_ms must be positive".to_owned());
+        }
+        Ok(())
+    }
+}
+
 /// Per-principal token buckets on the command routes, kept in each API replica's memory
 /// (see docs/operations/reliability.md). Every value must be positive.
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +366,7 @@ struct FileSettings {
     auth: AuthSettings,
     log: LogSettings,
     rate_limit: RateLimitSettings,
+    otlp: OtlpSettings,
 }
 
 impl Settings {
@@ -362,6 +417,7 @@ impl Settings {
             auth: file.auth,
             log: file.log,
             rate_limit: file.rate_limit,
+            otlp: file.otlp,
         };
         settings.database.password = var("APEX_DATABASE_PASSWORD")?;
         settings.amqp.password = var("APEX_AMQP_PASSWORD")?;
@@ -398,6 +454,7 @@ impl Settings {
             ));
         }
         settings.rate_limit.validate().map_err(parse_err)?;
+        settings.otlp.validate().map_err(parse_err)?;
         Ok(settings)
     }
 }
@@ -530,6 +587,40 @@ mod tests {
         let text = DEV.replace("commands_per_second = 10\n", "");
         let err = Settings::from_toml(&text, Path::new("dev"), vars(&[])).unwrap_err();
         assert!(err.to_string().contains("commands_per_second"), "{err}");
+    }
+
+    #[test]
+    fn otlp_export_is_off_by_default_and_checked_when_switched_on() {
+        let s = Settings::from_toml(DEV, Path::new("dev"), vars(&[])).unwrap();
+        assert!(!s.otlp.enabled);
+        let s = Settings::from_toml(
+            DEV,
+            Path::new("dev"),
+            vars(&[
+                ("APEX__OTLP__ENABLED", "true"),
+                ("APEX__OTLP__PROTOCOL", "http/json"),
+            ]),
+        )
+        .unwrap();
+        assert!(s.otlp.enabled);
+        assert_eq!(s.otlp.protocol, OtlpProtocol::HttpJson);
+        let err = Settings::from_toml(
+            DEV,
+            Path::new("dev"),
+            vars(&[
+                ("APEX__OTLP__ENABLED", "true"),
+                ("APEX__OTLP__ENDPOINT", "collector:4318"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("otlp.endpoint"), "{err}");
+        let err = Settings::from_toml(
+            DEV,
+            Path::new("dev"),
+            vars(&[("APEX__OTLP__PROTOCOL", "grpc")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("protocol"), "{err}");
     }
 
     #[test]

@@ -72,6 +72,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
             Some(_) => return Err(ApiError::InvalidHeader("traceparent")),
             None => new_traceparent(),
         };
+        // With span export on, the stored context names this request's span, so the relay, the
+        // projectors and the WebSocket send become its children in one trace.
+        let traceparent =
+            apex_projections::trace::traceparent(&tracing::Span::current()).unwrap_or(traceparent);
         tracing::Span::current().record("trace_id", &traceparent[3..35]);
         context.traceparent = Some(traceparent);
         Ok(Self {
@@ -142,7 +146,7 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for
 }
 
 /// A W3C `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
-fn valid_traceparent(value: &str) -> bool {
+pub(crate) fn valid_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     parts.len() == 4

@@ -71,12 +71,22 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(metrics::track_http))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
-                tracing::info_span!(
+                let span = tracing::info_span!(
                     "http",
+                    otel.kind = "server",
                     method = %request.method(),
                     path = %request.uri().path(),
                     trace_id = tracing::field::Empty,
-                )
+                );
+                // An invalid header is refused (400) by the command extractor; here it is
+                // only not followed.
+                let traceparent = request
+                    .headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|t| extract::valid_traceparent(t));
+                apex_projections::trace::follow(&span, traceparent);
+                span
             }),
         )
         .with_state(state)

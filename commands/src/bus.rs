@@ -143,7 +143,7 @@ where
 
     /// Runs `command` on `aggregate_id`, re-running it against fresh state when a concurrent
     /// append wins the race, and replaying the original answer for a repeated idempotency key.
-    #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, aggregate_id = %aggregate_id, command = name, trace_id = context.traceparent.as_deref().and_then(|t| t.get(3..35))))]
+    #[tracing::instrument(name = "command", skip_all, fields(aggregate = A::TYPE, aggregate_id = %aggregate_id, command = name, trace_id = context.traceparent.as_deref().and_then(|t| t.get(3..35))))]
     pub async fn execute(
         &self,
         aggregate_id: &str,

@@ -17,6 +17,7 @@ pub mod read_models;
 pub mod rebuild;
 pub mod relay;
 pub mod store;
+pub mod trace;
 
 pub use envelope::{CloudEvent, StoredEvent};
 pub use read_models::ReadModel;

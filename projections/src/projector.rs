@@ -19,6 +19,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::amqp::{self, AmqpConfig, Backoff, BusError};
 use crate::envelope::{CloudEvent, DomainEvent, StoredEvent};
@@ -362,8 +363,29 @@ async fn begin(
     Ok(tx)
 }
 
-/// Applies one event with its bookkeeping, inside the caller's transaction.
+/// Applies one event with its bookkeeping, inside the caller's transaction, in a span that
+/// continues the trace of the command that stored the event.
 pub async fn apply_one(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    stored: &StoredEvent,
+    event: &DomainEvent,
+) -> Result<Outcome, sqlx::Error> {
+    let span = tracing::info_span!(
+        "project",
+        otel.kind = "consumer",
+        projector = model.name(),
+        trace_id = crate::trace::trace_id(stored.traceparent.as_deref()),
+        aggregate_id = %stored.aggregate_id,
+        sequence = stored.sequence,
+    );
+    crate::trace::follow(&span, stored.traceparent.as_deref());
+    apply_in_span(conn, model, stored, event)
+        .instrument(span)
+        .await
+}
+
+async fn apply_in_span(
     conn: &mut PgConnection,
     model: ReadModel,
     stored: &StoredEvent,
@@ -425,13 +447,7 @@ pub async fn apply_one(
         tracing::info!(projector = name, aggregate_id = %stored.aggregate_id, repaired, "filled a gap from the store");
     }
     model.apply(conn, stored, event).await?;
-    tracing::debug!(
-        projector = name,
-        trace_id = stored.traceparent.as_deref().and_then(|t| t.get(3..35)),
-        aggregate_id = %stored.aggregate_id,
-        sequence = stored.sequence,
-        "projected"
-    );
+    tracing::debug!(projector = name, "projected");
     metrics::counter!("apex_projector_processed_total", "projector" => name)
         .increment(1 + repaired as u64);
     if repaired > 0 {

@@ -19,6 +19,7 @@ use lapin::{BasicProperties, Channel};
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::amqp::{self, AmqpConfig, Backoff, BusError};
 use crate::envelope::{CONTENT_TYPE, StoredEvent};
@@ -214,12 +215,15 @@ pub async fn publish_batch(
     let mut confirms = Vec::with_capacity(batch.len());
     for event in batch {
         let (routing_key, body, properties) = encode(event)?;
-        tracing::trace!(
-            trace_id = event.traceparent.as_deref().and_then(|t| t.get(3..35)),
+        let span = tracing::info_span!(
+            "relay.publish",
+            otel.kind = "producer",
+            trace_id = crate::trace::trace_id(event.traceparent.as_deref()),
             routing_key,
+            aggregate_id = %event.aggregate_id,
             sequence = event.sequence,
-            "publishing"
         );
+        crate::trace::follow(&span, event.traceparent.as_deref());
         let confirm = channel
             .basic_publish(
                 exchange.into(),
@@ -228,6 +232,7 @@ pub async fn publish_batch(
                 &body,
                 properties,
             )
+            .instrument(span)
             .await
             .map_err(BusError::from)?;
         confirms.push(confirm);

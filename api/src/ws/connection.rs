@@ -15,6 +15,7 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgPool;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::hub::{Hub, Signal};
@@ -308,14 +309,17 @@ impl Conn {
             at: row.at,
             data: &row.display,
         };
-        self.send_json(&message).await?;
-        metrics::counter!("apex_ws_messages_sent_total").increment(1);
-        tracing::debug!(
-            trace_id = row.traceparent.as_deref().and_then(|t| t.get(3..35)),
+        let span = tracing::info_span!(
+            "ws.send",
+            otel.kind = "producer",
+            trace_id = apex_projections::trace::trace_id(row.traceparent.as_deref()),
             instance_id = %row.instance_id,
             sequence = row.sequence,
-            "sent to chat client"
         );
+        apex_projections::trace::follow(&span, row.traceparent.as_deref());
+        self.send_json(&message).instrument(span.clone()).await?;
+        metrics::counter!("apex_ws_messages_sent_total").increment(1);
+        span.in_scope(|| tracing::debug!("sent to chat client"));
         self.last.insert(row.instance_id, row.sequence);
         Ok(())
     }
