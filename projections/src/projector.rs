@@ -245,9 +245,16 @@ async fn process(
     if decoded.is_empty() {
         return Ok(Vec::new());
     }
-    // Fast path: the whole batch in one transaction.
+    // Fast path: the whole batch in one transaction; set-based when it continues every stream
+    // exactly (no duplicate, no gap), event by event otherwise.
     let whole: Result<Vec<_>, sqlx::Error> = async {
         let mut tx = begin(pool, model).await?;
+        if let Some(applied) = apply_set_based(&mut tx, model, &decoded).await? {
+            tx.commit().await?;
+            metrics::counter!("apex_projector_processed_total", "projector" => model.name())
+                .increment(applied.len() as u64);
+            return Ok(applied);
+        }
         let mut applied = Vec::with_capacity(decoded.len());
         for (_, d) in &decoded {
             let outcome = apply_one(&mut tx, model, &d.stored, &d.event).await?;
@@ -270,6 +277,44 @@ async fn process(
         }
     }
     Ok(applied)
+}
+
+/// Applies the batch with one statement per table (see `rebuild::batch`); each event then gets
+/// a `project` span continuing its command's trace. `None`, having written no read model, when
+/// the batch does not continue its streams exactly or the read model has no set-based form.
+async fn apply_set_based(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    decoded: &[(&Delivery, Decoded)],
+) -> Result<Option<Vec<(uuid::Uuid, i64, i64)>>, sqlx::Error> {
+    if model == ReadModel::Agents || decoded.len() < 2 {
+        return Ok(None);
+    }
+    let events: Vec<(StoredEvent, DomainEvent)> = decoded
+        .iter()
+        .map(|(_, d)| (d.stored.clone(), d.event.clone()))
+        .collect();
+    let batch_span = tracing::debug_span!(
+        "project.batch",
+        projector = model.name(),
+        size = events.len()
+    );
+    if !crate::rebuild::batch::apply(conn, model, &events)
+        .instrument(batch_span)
+        .await?
+    {
+        return Ok(None);
+    }
+    for (stored, _) in &events {
+        project_span(model, stored)
+            .in_scope(|| tracing::trace!(batch = events.len(), "projected in a batch"));
+    }
+    Ok(Some(
+        events
+            .iter()
+            .filter_map(|(stored, _)| covered(stored, Outcome::Applied { repaired: 0 }))
+            .collect(),
+    ))
 }
 
 fn decode(body: &[u8]) -> Result<Decoded, String> {
@@ -371,6 +416,13 @@ pub async fn apply_one(
     stored: &StoredEvent,
     event: &DomainEvent,
 ) -> Result<Outcome, sqlx::Error> {
+    apply_in_span(conn, model, stored, event)
+        .instrument(project_span(model, stored))
+        .await
+}
+
+/// The span of one event's projection, continuing the trace of the command that stored it.
+fn project_span(model: ReadModel, stored: &StoredEvent) -> tracing::Span {
     let span = tracing::info_span!(
         "project",
         otel.kind = "consumer",
@@ -380,9 +432,7 @@ pub async fn apply_one(
         sequence = stored.sequence,
     );
     crate::trace::follow(&span, stored.traceparent.as_deref());
-    apply_in_span(conn, model, stored, event)
-        .instrument(span)
-        .await
+    span
 }
 
 async fn apply_in_span(

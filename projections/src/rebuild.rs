@@ -29,7 +29,7 @@ use crate::projector::{apply_one, model_lock_key};
 use crate::read_models::ReadModel;
 use crate::store;
 
-mod batch;
+pub(crate) mod batch;
 
 /// Events replayed per transaction.
 const BATCH: i64 = 10_000;

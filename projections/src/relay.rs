@@ -169,14 +169,26 @@ async fn publish_loop(
     .bind(&config.name)
     .fetch_one(&mut *lock_conn)
     .await?;
+    let mut batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        let batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
         if let Some(last) = batch.last() {
-            publish_batch(channel, &config.amqp.exchange, &batch).await?;
+            let confirms = send_batch(channel, &config.amqp.exchange, &batch).await?;
             (xid, position) = (last.transaction_id, last.position);
+            let full = batch.len() as i64 == config.batch_size;
+            // While the broker persists and confirms this batch, read the next one. It starts
+            // after this batch whatever happens: if a confirm fails, the session ends and the
+            // next session starts over from the stored checkpoint.
+            let (confirmed, next) = tokio::join!(await_confirms(confirms), async {
+                if full {
+                    Some(store::after_checkpoint(pool, xid, position, config.batch_size).await)
+                } else {
+                    None
+                }
+            });
+            confirmed?;
             // Written on the lock connection: if the lock was lost with its connection, this
             // fails and the session ends instead of racing the new holder.
             sqlx::query(
@@ -194,7 +206,8 @@ async fn publish_loop(
             tracing::debug!(count = batch.len(), position, "published batch");
             metrics::counter!("apex_relay_published_total").increment(batch.len() as u64);
             metrics::counter!("apex_relay_batches_total").increment(1);
-            if batch.len() as i64 == config.batch_size {
+            if let Some(next) = next {
+                batch = next?;
                 continue;
             }
         }
@@ -203,6 +216,7 @@ async fn publish_loop(
             () = tokio::time::sleep(config.poll_interval) => {},
             _ = shutdown.changed() => {},
         }
+        batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
     }
 }
 
@@ -212,6 +226,16 @@ pub async fn publish_batch(
     exchange: &str,
     batch: &[StoredEvent],
 ) -> Result<(), RelayError> {
+    let confirms = send_batch(channel, exchange, batch).await?;
+    await_confirms(confirms).await
+}
+
+/// Publishes every event of `batch` without waiting for the broker; returns the confirms.
+async fn send_batch(
+    channel: &Channel,
+    exchange: &str,
+    batch: &[StoredEvent],
+) -> Result<Vec<lapin::PublisherConfirm>, RelayError> {
     let mut confirms = Vec::with_capacity(batch.len());
     for event in batch {
         let (routing_key, body, properties) = encode(event)?;
@@ -237,6 +261,11 @@ pub async fn publish_batch(
             .map_err(BusError::from)?;
         confirms.push(confirm);
     }
+    Ok(confirms)
+}
+
+/// Waits for every confirm; a nack or a lost channel fails the batch.
+async fn await_confirms(confirms: Vec<lapin::PublisherConfirm>) -> Result<(), RelayError> {
     for confirm in confirms {
         let confirmation = confirm.await.map_err(BusError::from)?;
         if !confirmation.is_ack() {

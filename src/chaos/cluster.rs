@@ -230,8 +230,12 @@ impl Cluster {
     }
 
     /// Waits until the relay has published everything and every projector applied everything.
-    pub async fn wait_quiescent(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
+    /// A backlog may take a while after a heavy load; the wait fails only when it stops
+    /// shrinking for `stalled` (something is stuck), printing progress meanwhile.
+    pub async fn wait_quiescent(&self, stalled: Duration) -> anyhow::Result<()> {
+        let mut best = i64::MAX;
+        let mut improved = Instant::now();
+        let mut reported = Instant::now();
         loop {
             let behind: i64 = sqlx::query_scalar(
                 "SELECT (SELECT count(*) FROM events e, relay_checkpoints r
@@ -248,11 +252,19 @@ impl Cluster {
             if behind == 0 {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if behind < best {
+                best = behind;
+                improved = Instant::now();
+            }
+            if improved.elapsed() > stalled {
                 bail!(
-                    "still {behind} event(s) or offsets behind after {timeout:?}; see {}",
+                    "still {behind} event(s) or offsets behind, no progress for {stalled:?}; see {}",
                     self.logs.display()
                 );
+            }
+            if reported.elapsed() > Duration::from_secs(10) {
+                println!("catching up: {behind} event(s) or offsets behind");
+                reported = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

@@ -139,6 +139,14 @@ impl Load {
             || self.shared.accepted.load(Ordering::Relaxed) >= options.max_commands
     }
 
+    /// How far the run is, from 0 to 1: by time or by accepted commands, whichever is further.
+    pub fn progress(&self, started: Instant, options: &ChaosOptions) -> f64 {
+        let by_time = started.elapsed().as_secs_f64() / options.duration.as_secs_f64();
+        let by_commands =
+            self.shared.accepted.load(Ordering::Relaxed) as f64 / options.max_commands as f64;
+        by_time.max(by_commands).min(1.0)
+    }
+
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
     }

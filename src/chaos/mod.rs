@@ -124,18 +124,15 @@ async fn exercise(cluster: &mut Cluster, options: &ChaosOptions) -> anyhow::Resu
     let started = Instant::now();
     let workers = load.start_workers(options);
     let mut faults = 0u64;
-    let kills_every = options.duration / (options.kills as u32 + 2);
     let mut kills_done = 0;
     let mut broker_restarted = false;
+    // Faults are spread evenly over the run's progress (time or commands, whichever ends it),
+    // so every one of them lands under load.
+    let slots = (options.kills + 2) as f64;
     while !load.done(started, options) {
-        tokio::time::sleep(
-            kills_every
-                .min(Duration::from_secs(2))
-                .max(Duration::from_millis(500)),
-        )
-        .await;
-        let elapsed = started.elapsed();
-        if kills_done < options.kills && elapsed >= kills_every * (kills_done as u32 + 1) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let progress = load.progress(started, options);
+        if kills_done < options.kills && progress >= (kills_done + 1) as f64 / slots {
             cluster.kill_random(kills_done).await?;
             kills_done += 1;
             faults += 1;
@@ -160,7 +157,7 @@ async fn exercise(cluster: &mut Cluster, options: &ChaosOptions) -> anyhow::Resu
     load.stop();
     let outcomes = load::join(workers).await;
     cluster.ensure_running().await?;
-    cluster.wait_quiescent(Duration::from_secs(180)).await?;
+    cluster.wait_quiescent(Duration::from_secs(120)).await?;
 
     let mut summary = Summary {
         faults_injected: faults,

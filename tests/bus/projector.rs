@@ -143,6 +143,37 @@ async fn runs_of_one_user_delivered_in_reverse_order_project_as_a_replay_does() 
     bus.finish(tasks).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_projector_replicas_sharing_the_queues_build_exactly_the_replayed_read_models() {
+    let bus = bus().await;
+    bus.declare_projectors().await;
+    bus.agent("triage", &["search"]).await;
+    // A backlog, so the relay publishes full batches and both replicas get interleaved slices
+    // of the same runs and users (the set-based path, and its fallback on gaps).
+    let mut runs = Vec::new();
+    for user in 0..3 {
+        for _ in 0..8 {
+            runs.push(bus.run(&format!("user-{user}"), "triage").await);
+        }
+    }
+    for (i, id) in runs.iter().enumerate() {
+        bus.think(id, 1 + i % 4).await;
+    }
+    let mut tasks = bus.spawn_projectors();
+    tasks.extend(bus.spawn_projectors());
+    tasks.push(bus.spawn_relay());
+    bus.wait_projected(Duration::from_secs(60)).await;
+    assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
+    let totals: (i64, i64) =
+        sqlx::query_as("SELECT sum(instances)::bigint, sum(thoughts)::bigint FROM rm_usage")
+            .fetch_one(&bus.pool)
+            .await
+            .unwrap();
+    let thoughts: usize = (0..runs.len()).map(|i| 1 + i % 4).sum();
+    assert_eq!(totals, (runs.len() as i64, thoughts as i64));
+    bus.finish(tasks).await;
+}
+
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_still_project() {
     let bus = bus().await;

@@ -25,6 +25,8 @@ pub const TAG: &str = "chat";
 
 /// Largest frame a client may send.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Read buffer of one socket; a larger client message is still read whole, in several reads.
+const SOCKET_READ_BUFFER: usize = 4 * 1024;
 
 /// The WebSocket route.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -84,7 +86,11 @@ pub async fn chat_socket(
     let hub = state.hub.clone();
     let pool = state.pool.clone();
     let user = principal.actor.id;
+    // Frames here are a few hundred bytes: tungstenite's default 128 KiB read and write buffers
+    // per connection would cost 10,000 idle sockets over a gigabyte (docs/benchmarks.md).
     Ok(upgrade
+        .read_buffer_size(SOCKET_READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| connection::serve(socket, hub, pool, user, resume)))
 }

@@ -1,11 +1,18 @@
-//! Set-based replay of one batch into an instance read model's private copy.
+//! Set-based application of one batch of instance events to a read model: the live projectors'
+//! fast path and the rebuild's replay into a private copy.
 //!
-//! The live projector spends five to seven statements per event (offset bookkeeping around the
-//! read-model write). A rebuild replays a store in order into empty tables, so a batch can be
-//! folded in memory with the same rules as `read_models::*::apply` and written with one
-//! `unnest` statement per table, plus one for the offsets. The fold reads what it needs of
-//! earlier batches (the rows of the batch's runs) from the copy first, so the result is the one
-//! the per-event path produces; `consistency::replayed` is the reference the tests compare with.
+//! The per-event path spends five to seven statements per event (offset bookkeeping around the
+//! read-model write). When a batch continues every stream it touches exactly (the common case:
+//! no duplicate, no gap), it is folded in memory with the same rules as
+//! `read_models::*::apply` and written with one `unnest` statement per table, plus one for the
+//! offsets. The fold reads what it needs of earlier batches (the rows of the batch's runs)
+//! first, so the result is the one the per-event path produces; `consistency::replayed` is the
+//! reference the tests compare with.
+//!
+//! Concurrency: several projector replicas may consume one queue. The batch first locks the
+//! offset rows of its streams (created if missing, locked in `aggregate_id` order), so two
+//! batches touching one stream serialize and the second sees the first's offsets; rows shared
+//! across streams (per agent, per user) are written in key order, so replicas never deadlock.
 
 use std::collections::HashMap;
 
@@ -23,7 +30,7 @@ type Event<'a> = (&'a StoredEvent, Uuid, &'a InstanceEvent);
 /// Applies `events` (all of the model's aggregate type, in store order) set-based. Returns
 /// `false`, having written nothing, when the batch is not a clean continuation of every stream
 /// it touches: the caller then takes the per-event path.
-pub(super) async fn apply(
+pub(crate) async fn apply(
     conn: &mut PgConnection,
     model: ReadModel,
     events: &[(StoredEvent, DomainEvent)],
@@ -66,9 +73,19 @@ async fn continuation(
         .collect();
     ids.sort_unstable();
     ids.dedup();
+    sqlx::query(
+        "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
+         SELECT $1, 'instance', id, 0 FROM unnest($2::text[]) AS t(id)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(model.name())
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await?;
     let known: Vec<(String, i64)> = sqlx::query_as(
         "SELECT aggregate_id, last_sequence FROM projector_offsets
-          WHERE projector = $1 AND aggregate_type = 'instance' AND aggregate_id = ANY($2)",
+          WHERE projector = $1 AND aggregate_type = 'instance' AND aggregate_id = ANY($2)
+          ORDER BY aggregate_id FOR UPDATE",
     )
     .bind(model.name())
     .bind(&ids)
@@ -548,7 +565,8 @@ async fn agent_stats(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(),
     .bind(&created)
     .execute(&mut *conn)
     .await?;
-    let names: Vec<String> = agents.keys().cloned().collect();
+    let mut names: Vec<String> = agents.keys().cloned().collect();
+    names.sort_unstable();
     let column = |f: &dyn Fn(&AgentDelta) -> i64| -> Vec<i64> {
         names.iter().map(|n| agents.get(n).map_or(0, f)).collect()
     };
@@ -644,7 +662,8 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
     .bind(&new_owners)
     .execute(&mut *conn)
     .await?;
-    let names: Vec<String> = users.keys().cloned().collect();
+    let mut names: Vec<String> = users.keys().cloned().collect();
+    names.sort_unstable();
     let count = |i: usize| -> Vec<i64> {
         names
             .iter()
