@@ -159,14 +159,16 @@ impl Cluster {
         self.seed
     }
 
-    /// SIGKILLs one process (relay, projector and API replica in turn, a random replica of
-    /// each) and restarts it.
+    /// SIGKILLs one process and restarts it after a random pause: relay, projector and API
+    /// replica in turn, and for each kind its replicas in turn, so the active relay and the
+    /// standby are both killed (the standby then takes over), as are both projector processes
+    /// and both API replicas.
     pub async fn kill_random(&mut self, round: usize) -> anyhow::Result<()> {
         let kind = ["relay", "project", "api"][round % 3];
         let candidates: Vec<usize> = (0..self.procs.len())
             .filter(|i| self.procs[*i].name.starts_with(kind))
             .collect();
-        let index = candidates[(self.random() % candidates.len() as u64) as usize];
+        let index = candidates[(round / 3) % candidates.len()];
         let name = self.procs[index].name.clone();
         if let Some(mut child) = self.procs[index].child.take() {
             child
