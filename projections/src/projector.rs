@@ -290,29 +290,26 @@ async fn apply_set_based(
     if model == ReadModel::Agents || decoded.len() < 2 {
         return Ok(None);
     }
-    let events: Vec<(StoredEvent, DomainEvent)> = decoded
-        .iter()
-        .map(|(_, d)| (d.stored.clone(), d.event.clone()))
-        .collect();
     let batch_span = tracing::debug_span!(
         "project.batch",
         projector = model.name(),
-        size = events.len()
+        size = decoded.len()
     );
-    if !crate::rebuild::batch::apply(conn, model, &events)
+    let events = decoded.iter().map(|(_, d)| (&d.stored, &d.event));
+    if !crate::rebuild::batch::apply(conn, model, events)
         .instrument(batch_span)
         .await?
     {
         return Ok(None);
     }
-    for (stored, _) in &events {
-        project_span(model, stored)
-            .in_scope(|| tracing::trace!(batch = events.len(), "projected in a batch"));
+    for (_, d) in decoded {
+        project_span(model, &d.stored)
+            .in_scope(|| tracing::trace!(batch = decoded.len(), "projected in a batch"));
     }
     Ok(Some(
-        events
+        decoded
             .iter()
-            .filter_map(|(stored, _)| covered(stored, Outcome::Applied { repaired: 0 }))
+            .filter_map(|(_, d)| covered(&d.stored, Outcome::Applied { repaired: 0 }))
             .collect(),
     ))
 }

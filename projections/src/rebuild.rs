@@ -405,7 +405,9 @@ async fn replay_batch(
         *checkpoint = (last.transaction_id, last.position);
     }
     let applied = events.len() as u64;
-    if model == ReadModel::Agents || !batch::apply(conn, model, &events).await? {
+    if model == ReadModel::Agents
+        || !batch::apply(conn, model, events.iter().map(|(s, e)| (s, e))).await?
+    {
         per_event(conn, model, &events).await?;
     }
     Ok(Batch {

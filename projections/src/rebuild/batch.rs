@@ -30,21 +30,21 @@ type Event<'a> = (&'a StoredEvent, Uuid, &'a InstanceEvent);
 /// Applies `events` (all of the model's aggregate type, in store order) set-based. Returns
 /// `false`, having written nothing, when the batch is not a clean continuation of every stream
 /// it touches: the caller then takes the per-event path.
-pub(crate) async fn apply(
+pub(crate) async fn apply<'a>(
     conn: &mut PgConnection,
     model: ReadModel,
-    events: &[(StoredEvent, DomainEvent)],
+    events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
 ) -> Result<bool, sqlx::Error> {
-    if events.is_empty() {
-        return Ok(true);
-    }
-    let mut batch = Vec::with_capacity(events.len());
+    let mut batch = Vec::new();
     for (stored, event) in events {
         let (DomainEvent::Instance(event), Ok(id)) = (event, Uuid::parse_str(&stored.aggregate_id))
         else {
             return Ok(false);
         };
         batch.push((stored, id, event));
+    }
+    if batch.is_empty() {
+        return Ok(true);
     }
     let Some(last) = continuation(conn, model, &batch).await? else {
         return Ok(false);
