@@ -7,12 +7,12 @@ use apex_domain::DomainError;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
 use cqrs_es::{Aggregate, AggregateError, EventStore};
-use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 
 use crate::context::{CommandContext, CommandOutcome};
 use crate::error::CommandError;
+use crate::group_commit::GroupCommitRepository;
 use crate::idempotency;
 
 /// How often a command is re-run after losing an optimistic-concurrency race.
@@ -50,7 +50,7 @@ struct Cached<A> {
 /// other process's event on the `(aggregate, sequence)` primary key, the copy is dropped and the
 /// command re-runs against state loaded from the store.
 pub struct CommandBus<A: Aggregate> {
-    store: PersistedEventStore<PostgresEventRepository, A>,
+    store: PersistedEventStore<GroupCommitRepository, A>,
     pool: PgPool,
     retry: RetryPolicy,
     stripes: Vec<Mutex<()>>,
@@ -66,7 +66,7 @@ where
 {
     /// A bus over `store`; `pool` serves the idempotency lookups.
     pub fn new(
-        store: PersistedEventStore<PostgresEventRepository, A>,
+        store: PersistedEventStore<GroupCommitRepository, A>,
         pool: PgPool,
         retry: RetryPolicy,
     ) -> Self {

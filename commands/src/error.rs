@@ -44,8 +44,14 @@ impl CommandError {
 
     /// Classifies an error a store call returned, looking for a connection failure.
     pub(crate) fn from_store(err: Box<dyn std::error::Error + Send + Sync>) -> Self {
-        match err.downcast::<sqlx::Error>() {
-            Ok(sqlx) => Self::from_sqlx(*sqlx),
+        let err = match err.downcast::<sqlx::Error>() {
+            Ok(sqlx) => return Self::from_sqlx(*sqlx),
+            Err(other) => other,
+        };
+        // A group append that failed for every command of its batch at once.
+        match err.downcast::<crate::group_commit::SharedError>() {
+            Ok(shared) if is_unavailable(&shared.0) => Self::Unavailable(shared),
+            Ok(shared) => Self::Store(shared),
             Err(other) => Self::Store(other),
         }
     }

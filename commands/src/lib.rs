@@ -1,7 +1,7 @@
 //! Apex write side: the cqrs-es event stores over postgres-es and the command service.
 //!
 //! A command runs as: idempotency check → load the aggregate (snapshot + newer events) →
-//! `handle` decides → append in one transaction. Commands on one aggregate are serialized
+//! `handle` decides → append, group-committed with the appends of concurrent commands. Commands on one aggregate are serialized
 //! within a process; across processes the primary key of `events` detects a concurrent append
 //! and the command is re-run against fresh state, a bounded number of times.
 #![forbid(unsafe_code)]
@@ -10,6 +10,7 @@
 mod bus;
 mod context;
 mod error;
+pub mod group_commit;
 mod idempotency;
 mod service;
 pub mod store;

@@ -1,16 +1,17 @@
 //! Connection pool, migrations and the cqrs-es event stores.
 //!
-//! Both stores run the domain upcasters ([`crate::upcast::DomainUpcaster`]) when they load
-//! events, so an aggregate always applies current-version events.
+//! Both stores append through [`GroupCommitRepository`] (the appends of concurrent commands
+//! share a transaction) and run the domain upcasters ([`crate::upcast::DomainUpcaster`]) when
+//! they load events, so an aggregate always applies current-version events.
 
 use std::time::Duration;
 
 use apex_domain::{agent::Agent, instance::Instance};
 use cqrs_es::persist::PersistedEventStore;
-use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use crate::group_commit::GroupCommitRepository;
 use crate::upcast::DomainUpcaster;
 
 /// An Instance snapshot is written every this many events, so loading a long run reads at most
@@ -35,15 +36,15 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 }
 
 /// The Agent event store (agents have few events: no snapshots).
-pub fn agent_store(pool: PgPool) -> PersistedEventStore<PostgresEventRepository, Agent> {
-    PersistedEventStore::new_event_store(PostgresEventRepository::new(pool))
+pub fn agent_store(pool: PgPool) -> PersistedEventStore<GroupCommitRepository, Agent> {
+    PersistedEventStore::new_event_store(GroupCommitRepository::new(pool))
         .with_upcasters(DomainUpcaster::<Agent>::boxed())
 }
 
 /// The Instance event store, with snapshots every [`INSTANCE_SNAPSHOT_EVERY`] events.
-pub fn instance_store(pool: PgPool) -> PersistedEventStore<PostgresEventRepository, Instance> {
+pub fn instance_store(pool: PgPool) -> PersistedEventStore<GroupCommitRepository, Instance> {
     PersistedEventStore::new_snapshot_store(
-        PostgresEventRepository::new(pool),
+        GroupCommitRepository::new(pool),
         INSTANCE_SNAPSHOT_EVERY,
     )
     .with_upcasters(DomainUpcaster::<Instance>::boxed())

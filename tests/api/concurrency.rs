@@ -22,7 +22,7 @@ async fn running() -> (Arc<TestApp>, String) {
 }
 
 /// POSTs every `(path, body)` at once as `runner-1`; returns `(status, body)` of each.
-async fn all_at_once(
+pub(crate) async fn all_at_once(
     app: &Arc<TestApp>,
     requests: Vec<(String, Value)>,
 ) -> Vec<(StatusCode, Value)> {

@@ -10,6 +10,7 @@ mod audit_tamper;
 mod auth;
 mod commands;
 mod concurrency;
+mod group_commit;
 mod openapi;
 mod outage;
 mod queries;

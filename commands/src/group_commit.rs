@@ -1,0 +1,379 @@
+//! Group commit: the appends of concurrent commands share one transaction.
+//!
+//! postgres-es runs one transaction per command: `BEGIN`, one `INSERT` per event, the snapshot
+//! statement, `COMMIT`. Under load most of PostgreSQL's time goes to those round trips and
+//! their commits, not to the rows. [`GroupCommitRepository`] keeps postgres-es for every read
+//! and replaces its append: each `persist` call queues its events (and snapshot update) and
+//! waits; a few writer tasks take whatever is queued (up to [`MAX_BATCH_EVENTS`]) and append it
+//! in one transaction — one multi-row `INSERT` for the events, one statement per kind of
+//! snapshot change, one commit — then answer every caller. While one batch commits the next
+//! one gathers, so batches grow with the load and a lone command waits for nobody.
+//!
+//! Each command is still decided alone, on its own state, and answered only after the shared
+//! commit. What a batch must not do is let one command's failure fail the others: when the
+//! batch transaction fails for a reason that belongs to a statement (a primary-key conflict —
+//! another process appended first —, a reused idempotency key, text PostgreSQL cannot store, a
+//! snapshot that moved), every request of the batch is appended again in a transaction of its
+//! own, so each gets exactly the answer it would have got alone. When the database is
+//! unreachable, every request gets that answer at once.
+//!
+//! The checks are the store's own, as before: the `(aggregate_type, aggregate_id, sequence)`
+//! primary key catches a concurrent append, and a snapshot update that matches no row (another
+//! writer moved it) is a conflict — checked before the commit, so nothing of the batch lands.
+//! Requests are sorted by aggregate before the insert, so two processes' batches over the same
+//! aggregates take their row locks in the same order.
+
+use std::sync::{Arc, OnceLock};
+
+use cqrs_es::Aggregate;
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
+};
+use postgres_es::PostgresEventRepository;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// Writer tasks appending batches concurrently: while one commits, another gathers.
+const WRITERS: usize = 2;
+
+/// Most events appended in one transaction.
+pub const MAX_BATCH_EVENTS: usize = 1024;
+
+/// Requests that may wait for a writer before `persist` callers wait to queue.
+const QUEUE: usize = 4096;
+
+/// A snapshot change: (aggregate id, state, snapshot counter after the append).
+type SnapshotUpdate = (String, Value, usize);
+
+/// One command's append.
+struct Append {
+    aggregate_type: &'static str,
+    events: Vec<SerializedEvent>,
+    snapshot: Option<SnapshotUpdate>,
+    reply: oneshot::Sender<Result<(), PersistenceError>>,
+}
+
+/// A postgres-es repository whose appends are group-committed (see the module docs).
+pub struct GroupCommitRepository {
+    reads: PostgresEventRepository,
+    pool: PgPool,
+    queue: OnceLock<mpsc::Sender<Append>>,
+}
+
+impl GroupCommitRepository {
+    /// A repository over the `events` and `snapshots` tables of `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            reads: PostgresEventRepository::new(pool.clone()),
+            pool,
+            queue: OnceLock::new(),
+        }
+    }
+
+    /// The queue to the writers, started on first use (inside the caller's runtime).
+    fn queue(&self) -> &mpsc::Sender<Append> {
+        self.queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(QUEUE);
+            let receiver = Arc::new(Mutex::new(receiver));
+            for _ in 0..WRITERS {
+                tokio::spawn(writer(self.pool.clone(), receiver.clone()));
+            }
+            sender
+        })
+    }
+}
+
+impl PersistedEventRepository for GroupCommitRepository {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.reads.get_events::<A>(aggregate_id).await
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.reads
+            .get_last_events::<A>(aggregate_id, last_sequence)
+            .await
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        self.reads.get_snapshot::<A>(aggregate_id).await
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<SnapshotUpdate>,
+    ) -> Result<(), PersistenceError> {
+        if events.is_empty() && snapshot_update.is_none() {
+            return Ok(());
+        }
+        let (reply, answer) = oneshot::channel();
+        let append = Append {
+            aggregate_type: A::TYPE,
+            events: events.to_vec(),
+            snapshot: snapshot_update,
+            reply,
+        };
+        self.queue()
+            .send(append)
+            .await
+            .map_err(|_| stopped("the append writers stopped"))?;
+        answer
+            .await
+            .map_err(|_| stopped("an append writer stopped before answering"))?
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        self.reads.stream_events::<A>(aggregate_id).await
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        self.reads.stream_all_events::<A>().await
+    }
+}
+
+fn stopped(what: &'static str) -> PersistenceError {
+    PersistenceError::UnknownError(what.into())
+}
+
+/// Takes batches off the queue and appends them until every sender is gone.
+async fn writer(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Append>>>) {
+    loop {
+        let batch = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            let mut events = first.events.len();
+            let mut batch = vec![first];
+            while events < MAX_BATCH_EVENTS {
+                let Ok(next) = queue.try_recv() else { break };
+                events += next.events.len();
+                batch.push(next);
+            }
+            batch
+        };
+        append_batch(&pool, batch).await;
+    }
+}
+
+/// Appends `batch` in one transaction, or each request alone when the batch fails for a
+/// reason that may belong to one of them.
+async fn append_batch(pool: &PgPool, mut batch: Vec<Append>) {
+    metrics::histogram!("apex_append_batch_commands").record(batch.len() as f64);
+    if batch.len() > 1 {
+        batch.sort_by(|a, b| {
+            (a.aggregate_type, aggregate_id(a)).cmp(&(b.aggregate_type, aggregate_id(b)))
+        });
+        match append(pool, &batch).await {
+            Ok(()) => {
+                for request in batch {
+                    let _ = request.reply.send(Ok(()));
+                }
+                return;
+            }
+            Err(Failure::Database(e)) if crate::error::is_unavailable(&e) => {
+                tracing::warn!(error = %e, commands = batch.len(), "group append failed: the database is unavailable");
+                let shared = Arc::new(e);
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(PersistenceError::ConnectionError(Box::new(
+                            SharedError(shared.clone()),
+                        ))));
+                }
+                return;
+            }
+            Err(e) => {
+                // Expected under contention (another process appended first): each request
+                // is appended alone so only the one it concerns fails.
+                tracing::debug!(error = %e, commands = batch.len(), "group append failed; appending its commands one by one");
+                metrics::counter!("apex_append_batch_split_total").increment(1);
+            }
+        }
+    }
+    for request in batch {
+        let result = append(pool, std::slice::from_ref(&request))
+            .await
+            .map_err(Failure::into_persistence);
+        let _ = request.reply.send(result);
+    }
+}
+
+fn aggregate_id(append: &Append) -> &str {
+    append
+        .events
+        .first()
+        .map(|e| e.aggregate_id.as_str())
+        .or(append.snapshot.as_ref().map(|(id, _, _)| id.as_str()))
+        .unwrap_or("")
+}
+
+/// Why an append transaction failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// A statement or the connection failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A snapshot update matched no row: another writer moved the snapshot.
+    #[error("a snapshot changed concurrently")]
+    SnapshotMoved,
+}
+
+impl Failure {
+    /// The answer postgres-es gives for the same failure.
+    fn into_persistence(self) -> PersistenceError {
+        match self {
+            Failure::SnapshotMoved => PersistenceError::OptimisticLockError,
+            Failure::Database(sqlx::Error::Database(db))
+                if db.code().is_some_and(|c| c == "23505") =>
+            {
+                PersistenceError::OptimisticLockError
+            }
+            Failure::Database(e @ (sqlx::Error::Io(_) | sqlx::Error::Tls(_))) => {
+                PersistenceError::ConnectionError(Box::new(e))
+            }
+            Failure::Database(e) => PersistenceError::UnknownError(Box::new(e)),
+        }
+    }
+}
+
+/// A database failure shared by every request of a failed batch.
+#[derive(Debug)]
+pub(crate) struct SharedError(pub(crate) Arc<sqlx::Error>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// One transaction: every event of `requests`, then their snapshot changes.
+async fn append(pool: &PgPool, requests: &[Append]) -> Result<(), Failure> {
+    let count: usize = requests.iter().map(|r| r.events.len()).sum();
+    let (mut types, mut ids, mut sequences, mut names, mut versions, mut payloads, mut metadata) = (
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+    );
+    let mut created = Snapshots::default();
+    let mut moved = Snapshots::default();
+    for request in requests {
+        for event in &request.events {
+            types.push(request.aggregate_type);
+            ids.push(event.aggregate_id.as_str());
+            sequences.push(event.sequence as i64);
+            names.push(event.event_type.as_str());
+            versions.push(event.event_version.as_str());
+            payloads.push(&event.payload);
+            metadata.push(&event.metadata);
+        }
+        if let Some((id, state, snapshot)) = &request.snapshot {
+            let last = request.events.last().map_or(0, |e| e.sequence as i64);
+            let target = if *snapshot == 1 {
+                &mut created
+            } else {
+                &mut moved
+            };
+            target.push(request.aggregate_type, id, last, *snapshot as i64, state);
+        }
+    }
+    let mut tx = pool.begin().await?;
+    if count > 0 {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                                 payload, metadata)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                                  $6::jsonb[], $7::jsonb[])",
+        )
+        .bind(&types)
+        .bind(&ids)
+        .bind(&sequences)
+        .bind(&names)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&metadata)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !created.ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot,
+                                    payload)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])",
+        )
+        .bind(&created.types)
+        .bind(&created.ids)
+        .bind(&created.last)
+        .bind(&created.counter)
+        .bind(&created.states)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !moved.ids.is_empty() {
+        let updated = sqlx::query(
+            "UPDATE snapshots s
+                SET last_sequence = u.last, current_snapshot = u.counter, payload = u.state
+               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])
+                    AS u(aggregate_type, aggregate_id, last, counter, state)
+              WHERE s.aggregate_type = u.aggregate_type AND s.aggregate_id = u.aggregate_id
+                AND s.current_snapshot = u.counter - 1",
+        )
+        .bind(&moved.types)
+        .bind(&moved.ids)
+        .bind(&moved.last)
+        .bind(&moved.counter)
+        .bind(&moved.states)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != moved.ids.len() as u64 {
+            return Err(Failure::SnapshotMoved);
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Snapshot changes of one kind, as columns.
+#[derive(Default)]
+struct Snapshots<'a> {
+    types: Vec<&'static str>,
+    ids: Vec<&'a str>,
+    last: Vec<i64>,
+    counter: Vec<i64>,
+    states: Vec<&'a Value>,
+}
+
+impl<'a> Snapshots<'a> {
+    fn push(&mut self, kind: &'static str, id: &'a str, last: i64, counter: i64, state: &'a Value) {
+        self.types.push(kind);
+        self.ids.push(id);
+        self.last.push(last);
+        self.counter.push(counter);
+        self.states.push(state);
+    }
+}

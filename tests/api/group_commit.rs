@@ -1,0 +1,196 @@
+//! Group commit: the appends of concurrent commands share transactions, and one command's
+//! failure inside a shared batch never fails the others.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use apex_commands::{CommandService, RetryPolicy};
+use apex_domain::Tier;
+use apex_domain::instance::InstanceAction;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::concurrency::all_at_once;
+use crate::helpers::{TestApp, assert_contiguous, runner_context, spawn_app};
+
+const RUNS: usize = 24;
+
+/// An app with `RUNS` running instances of `triage`.
+async fn runs() -> (Arc<TestApp>, Vec<String>) {
+    let app = spawn_app().await;
+    app.active_agent("triage", &["search"], &["free"]).await;
+    let user = app.user("user-1", Tier::Free);
+    let mut ids = Vec::new();
+    for _ in 0..RUNS {
+        ids.push(app.running_instance(&user, "triage").await);
+    }
+    (Arc::new(app), ids)
+}
+
+/// Sends one thought to each run at once; returns `(status, body)` per run, in `ids` order.
+async fn think_all(
+    app: &Arc<TestApp>,
+    ids: &[String],
+    thought: impl Fn(usize) -> String,
+) -> Vec<(StatusCode, Value)> {
+    let requests = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            (
+                format!("/v1/runner/instances/{id}/thoughts"),
+                json!({"thought": thought(n)}),
+            )
+        })
+        .collect();
+    all_at_once(app, requests).await
+}
+
+/// The transactions that stored sequence `sequence` of the given runs.
+async fn transactions(app: &TestApp, ids: &[String], sequence: i64) -> BTreeSet<String> {
+    sqlx::query_scalar(
+        "SELECT transaction_id::text FROM events
+          WHERE aggregate_id = ANY($1) AND sequence = $2",
+    )
+    .bind(ids)
+    .bind(sequence)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commands_share_commits_and_a_bad_one_fails_alone() {
+    let (app, ids) = runs().await;
+    // Run 5's thought holds a NUL character, which PostgreSQL refuses inside the append.
+    let bad = 5;
+    let answers = think_all(&app, &ids, |n| {
+        if n == bad {
+            "nul \u{0} inside".to_owned()
+        } else {
+            format!("thought {n}")
+        }
+    })
+    .await;
+    for (n, (status, body)) in answers.iter().enumerate() {
+        if n == bad {
+            assert_eq!(*status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert_eq!(body["error"]["code"], "field_invalid", "{body}");
+        } else {
+            assert_eq!(*status, StatusCode::OK, "run {n}: {body}");
+            assert_eq!(body["sequence"], 3, "run {n}: {body}");
+        }
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let expected = if n == bad { 2 } else { 3 };
+        assert_contiguous(
+            app.events_of(id).await.into_iter().map(|(s, _)| s),
+            expected,
+        );
+    }
+    let good: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != bad)
+        .map(|(_, id)| id.clone())
+        .collect();
+    let shared = transactions(&app, &good, 3).await;
+    assert!(
+        shared.len() < good.len(),
+        "{} concurrent commands were committed in {} transactions: no group commit",
+        good.len(),
+        shared.len()
+    );
+    // Every stored thought is the one its command sent.
+    for (n, id) in ids.iter().enumerate().filter(|(n, _)| *n != bad) {
+        let thought: String = sqlx::query_scalar(
+            "SELECT payload #>> '{ThoughtRecorded,display,thought}' FROM events
+              WHERE aggregate_id = $1 AND sequence = 3",
+        )
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(thought, format!("thought {n}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_holding_a_copy_made_stale_by_another_replica_loses_and_duplicates_nothing() {
+    let (app, ids) = runs().await;
+    // The app's service holds every run in memory; another replica appends to run 0, so the
+    // app's copy of it is stale and its next append collides on the primary key.
+    let replica = CommandService::new(app.pool.clone(), RetryPolicy::default());
+    let think = |thought: &str| InstanceAction::Think {
+        thought: thought.to_owned(),
+        prompt: None,
+        raw: None,
+    };
+    let outcome = replica
+        .instance(&ids[0], think("from the other replica"), &runner_context())
+        .await
+        .unwrap();
+    assert_eq!(outcome.sequence, 3);
+
+    let answers = think_all(&app, &ids, |n| format!("thought {n}")).await;
+    for (n, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, StatusCode::OK, "run {n}: {body}");
+        let expected = if n == 0 { 4 } else { 3 };
+        assert_eq!(body["sequence"], expected, "run {n}: {body}");
+    }
+    assert_contiguous(app.events_of(&ids[0]).await.into_iter().map(|(s, _)| s), 4);
+    for id in &ids[1..] {
+        assert_contiguous(app.events_of(id).await.into_iter().map(|(s, _)| s), 3);
+    }
+    let (instance, sequence) = app.state.commands.load_instance(&ids[0]).await.unwrap();
+    assert_eq!((instance.thoughts, sequence), (2, 4));
+}
+
+#[tokio::test]
+async fn one_idempotency_key_on_two_commands_of_one_batch_is_a_conflict() {
+    let app = spawn_app().await;
+    let metadata = |n: u8| {
+        json!({
+            "correlation_id": uuid::Uuid::new_v4(),
+            "causation_id": uuid::Uuid::new_v4(),
+            "principal": "user-1",
+            "principal_role": "user",
+            "idempotency_key": "same-key",
+            "request_hash": format!("hash-{n}"),
+        })
+    };
+    // What a group commit does with two creations that carry the same key: one statement,
+    // one transaction, two streams.
+    let insert = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                      event_version, payload, metadata)
+                  SELECT 'instance', id, seq, 'InstanceCreated', '1', '{}'::jsonb, m
+                    FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS t(id, seq, m)";
+    let err = sqlx::query(insert)
+        .bind(["run-a", "run-b"])
+        .bind([1_i64, 1])
+        .bind([metadata(1), metadata(2)])
+        .execute(&app.pool)
+        .await
+        .expect_err("two commands may not share a key");
+    let code = err.as_database_error().and_then(|e| e.code()).unwrap();
+    assert_eq!(code, "23505", "{err}");
+    assert_eq!(app.event_count().await, 0);
+    // One command appending two events of its stream under its key is still one command.
+    sqlx::query(insert)
+        .bind(["run-a", "run-a"])
+        .bind([1_i64, 2])
+        .bind([metadata(1), metadata(1)])
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let range: (i64, i64) = sqlx::query_as(
+        "SELECT first_sequence, last_sequence FROM idempotency_keys
+          WHERE principal = 'user-1' AND idempotency_key = 'same-key'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(range, (1, 2));
+}
