@@ -53,11 +53,16 @@ pub async fn entries(
     let los: Vec<i64> = ranges.iter().map(|r| r.1).collect();
     let his: Vec<i64> = ranges.iter().map(|r| r.2).collect();
     sqlx::query_as(
+        // LATERAL: one primary-key range scan per run. A plain join let the planner pick a
+        // sequential scan of the whole timeline per batch (a plan made while the table was
+        // small), which made each batch cost more as the timeline grew.
         "SELECT DISTINCT t.instance_id, t.sequence, t.owner_id, t.kind, t.at, t.display, t.traceparent
-           FROM rm_timeline t
-           JOIN unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, lo, hi)
-             ON t.instance_id = r.id AND t.sequence BETWEEN r.lo AND r.hi
-          WHERE t.kind <> 'instance_created'
+           FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, lo, hi)
+           CROSS JOIN LATERAL (
+                SELECT * FROM rm_timeline
+                 WHERE instance_id = r.id AND sequence BETWEEN r.lo AND r.hi
+                   AND kind <> 'instance_created'
+           ) t
           ORDER BY t.instance_id, t.sequence",
     )
     .bind(&ids)

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::amqp::{self, AmqpConfig, Backoff, BusError};
+use crate::chat::ChatUpdate;
 use crate::envelope::{CloudEvent, DomainEvent, StoredEvent};
 use crate::read_models::ReadModel;
 use crate::store;
@@ -183,7 +184,7 @@ async fn session(
         }
         let applied = process(pool, model, config, &dlq_channel, &batch).await?;
         if let Some(chat_channel) = &chat_channel {
-            announce(pool, chat_channel, &config.amqp.chat_exchange, &applied).await?;
+            announce(pool, chat_channel, &config.amqp.chat_exchange, applied).await?;
         }
         if let Some(last) = batch.last() {
             last.ack(BasicAckOptions { multiple: true }).await?;
@@ -199,17 +200,27 @@ struct Decoded {
     event: DomainEvent,
 }
 
+/// What a processed batch announces to the chat exchange.
+enum Applied {
+    /// The timeline entries the set-based fold wrote, in store order.
+    Entries(Vec<ChatUpdate>),
+    /// The instance sequences applied or already applied, `(instance, first, last)`: their
+    /// timeline entries are read back.
+    Ranges(Vec<(uuid::Uuid, i64, i64)>),
+}
+
 /// Publishes the timeline entries of `applied` to the chat exchange.
 async fn announce(
     pool: &PgPool,
     channel: &Channel,
     exchange: &str,
-    applied: &[(uuid::Uuid, i64, i64)],
+    applied: Applied,
 ) -> Result<(), ProjectorError> {
-    if applied.is_empty() {
-        return Ok(());
-    }
-    let updates = crate::chat::entries(pool, applied).await?;
+    let updates = match applied {
+        Applied::Entries(updates) => updates,
+        Applied::Ranges(ranges) if ranges.is_empty() => return Ok(()),
+        Applied::Ranges(ranges) => crate::chat::entries(pool, &ranges).await?,
+    };
     crate::chat::publish(channel, exchange, &updates).await?;
     Ok(())
 }
@@ -227,14 +238,14 @@ fn covered(stored: &StoredEvent, outcome: Outcome) -> Option<(uuid::Uuid, i64, i
 }
 
 /// Applies a batch of deliveries (all of them are acknowledged by the caller afterwards).
-/// Returns the instance sequences applied or already applied (for the chat announcement).
+/// Returns what it applied or found already applied (for the chat announcement).
 async fn process(
     pool: &PgPool,
     model: ReadModel,
     config: &ProjectorConfig,
     dlq: &Channel,
     batch: &[Delivery],
-) -> Result<Vec<(uuid::Uuid, i64, i64)>, ProjectorError> {
+) -> Result<Applied, ProjectorError> {
     let mut decoded = Vec::with_capacity(batch.len());
     for delivery in batch {
         match decode(&delivery.data) {
@@ -243,17 +254,17 @@ async fn process(
         }
     }
     if decoded.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Applied::Ranges(Vec::new()));
     }
     // Fast path: the whole batch in one transaction; set-based when it continues every stream
     // exactly (no duplicate, no gap), event by event otherwise.
-    let whole: Result<Vec<_>, sqlx::Error> = async {
+    let whole: Result<Applied, sqlx::Error> = async {
         let mut tx = begin(pool, model).await?;
-        if let Some(applied) = apply_set_based(&mut tx, model, &decoded).await? {
+        if let Some(entries) = apply_set_based(&mut tx, model, &decoded).await? {
             tx.commit().await?;
             metrics::counter!("apex_projector_processed_total", "projector" => model.name())
-                .increment(applied.len() as u64);
-            return Ok(applied);
+                .increment(decoded.len() as u64);
+            return Ok(Applied::Entries(entries));
         }
         let mut applied = Vec::with_capacity(decoded.len());
         for (_, d) in &decoded {
@@ -261,7 +272,7 @@ async fn process(
             applied.extend(covered(&d.stored, outcome));
         }
         tx.commit().await?;
-        Ok(applied)
+        Ok(Applied::Ranges(applied))
     }
     .await;
     match whole {
@@ -276,17 +287,18 @@ async fn process(
             applied.extend(covered(&d.stored, outcome));
         }
     }
-    Ok(applied)
+    Ok(Applied::Ranges(applied))
 }
 
 /// Applies the batch with one statement per table (see `rebuild::batch`); each event then gets
-/// a `project` span continuing its command's trace. `None`, having written no read model, when
-/// the batch does not continue its streams exactly or the read model has no set-based form.
+/// a `project` span continuing its command's trace. Returns the timeline entries written (none
+/// for the other read models); `None`, having written no read model, when the batch does not
+/// continue its streams exactly or the read model has no set-based form.
 async fn apply_set_based(
     conn: &mut PgConnection,
     model: ReadModel,
     decoded: &[(&Delivery, Decoded)],
-) -> Result<Option<Vec<(uuid::Uuid, i64, i64)>>, sqlx::Error> {
+) -> Result<Option<Vec<ChatUpdate>>, sqlx::Error> {
     if model == ReadModel::Agents || decoded.len() < 2 {
         return Ok(None);
     }
@@ -296,7 +308,8 @@ async fn apply_set_based(
         size = decoded.len()
     );
     let events = decoded.iter().map(|(_, d)| (&d.stored, &d.event));
-    if !crate::rebuild::batch::apply(conn, model, events)
+    let mut entries = Vec::new();
+    if !crate::rebuild::batch::apply_collecting(conn, model, events, Some(&mut entries))
         .instrument(batch_span)
         .await?
     {
@@ -306,12 +319,7 @@ async fn apply_set_based(
         project_span(model, &d.stored)
             .in_scope(|| tracing::trace!(batch = decoded.len(), "projected in a batch"));
     }
-    Ok(Some(
-        decoded
-            .iter()
-            .filter_map(|(_, d)| covered(&d.stored, Outcome::Applied { repaired: 0 }))
-            .collect(),
-    ))
+    Ok(Some(entries))
 }
 
 fn decode(body: &[u8]) -> Result<Decoded, String> {

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::chat::ChatUpdate;
 use crate::envelope::{DomainEvent, StoredEvent};
 use crate::read_models::{ReadModel, timeline_entry};
 
@@ -34,6 +35,18 @@ pub(crate) async fn apply<'a>(
     conn: &mut PgConnection,
     model: ReadModel,
     events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
+) -> Result<bool, sqlx::Error> {
+    apply_collecting(conn, model, events, None).await
+}
+
+/// [`apply`], also collecting the chat updates of the timeline entries it writes into `chat`
+/// (in store order, creations excluded), so the timeline projector announces what it wrote
+/// without reading it back.
+pub(crate) async fn apply_collecting<'a>(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
+    chat: Option<&mut Vec<ChatUpdate>>,
 ) -> Result<bool, sqlx::Error> {
     let mut batch = Vec::new();
     for (stored, event) in events {
@@ -50,7 +63,7 @@ pub(crate) async fn apply<'a>(
         return Ok(false);
     };
     match model {
-        ReadModel::Timeline => timeline(conn, &batch).await?,
+        ReadModel::Timeline => timeline(conn, &batch, chat).await?,
         ReadModel::Instances => instances(conn, &batch).await?,
         ReadModel::AgentStats => agent_stats(conn, &batch).await?,
         ReadModel::Usage => usage(conn, &batch).await?,
@@ -83,9 +96,17 @@ async fn continuation(
     .execute(&mut *conn)
     .await?;
     let known: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT aggregate_id, last_sequence FROM projector_offsets
-          WHERE projector = $1 AND aggregate_type = 'instance' AND aggregate_id = ANY($2)
-          ORDER BY aggregate_id FOR UPDATE",
+        // One primary-key lookup per stream, locked in `ids` order. (`aggregate_id = ANY($2)`
+        // let the planner keep a plan that filtered every offset row of the projector against
+        // the array, so each batch cost more as the table grew.)
+        "SELECT o.aggregate_id, o.last_sequence
+           FROM unnest($2::text[]) WITH ORDINALITY AS k(id, n)
+           CROSS JOIN LATERAL (
+                SELECT aggregate_id, last_sequence FROM projector_offsets
+                 WHERE projector = $1 AND aggregate_type = 'instance' AND aggregate_id = k.id
+                   FOR UPDATE
+           ) o
+          ORDER BY k.n",
     )
     .bind(model.name())
     .bind(&ids)
@@ -140,7 +161,8 @@ async fn bookkeeping(
     Ok(())
 }
 
-/// Runs of the batch not created in it, looked up with `sql` (`… WHERE instance_id = ANY($1)`).
+/// Runs of the batch not created in it: the rows the fold reads back (one primary-key lookup
+/// per run, through `unnest` and `LATERAL`).
 fn earlier_runs(batch: &[Event<'_>]) -> Vec<Uuid> {
     let created: std::collections::HashSet<Uuid> = batch
         .iter()
@@ -161,9 +183,16 @@ fn duplicate(table: &str, id: Uuid) -> sqlx::Error {
     sqlx::Error::Protocol(format!("rebuild: {table} already has run {id}"))
 }
 
-async fn timeline(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
+async fn timeline(
+    conn: &mut PgConnection,
+    batch: &[Event<'_>],
+    mut chat: Option<&mut Vec<ChatUpdate>>,
+) -> Result<(), sqlx::Error> {
     let known: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT instance_id, owner_id FROM rm_timeline WHERE sequence = 1 AND instance_id = ANY($1)",
+        "SELECT r.instance_id, r.owner_id FROM unnest($1::uuid[]) AS k(id)
+           CROSS JOIN LATERAL (
+                SELECT instance_id, owner_id FROM rm_timeline WHERE instance_id = k.id AND sequence = 1
+           ) r",
     )
     .bind(earlier_runs(batch))
     .fetch_all(&mut *conn)
@@ -187,6 +216,19 @@ async fn timeline(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sq
         }
         let owner = owners.get(id).ok_or(sqlx::Error::RowNotFound)?;
         let entry = timeline_entry(event);
+        if let Some(chat) = chat.as_deref_mut()
+            && entry.kind != "instance_created"
+        {
+            chat.push(ChatUpdate {
+                instance_id: *id,
+                sequence: stored.sequence,
+                owner_id: owner.clone(),
+                kind: entry.kind.to_owned(),
+                at: stored.recorded_at,
+                display: entry.display.clone(),
+                traceparent: stored.traceparent.clone(),
+            });
+        }
         ids.push(*id);
         seqs.push(stored.sequence);
         owner_ids.push(owner.clone());
@@ -353,7 +395,8 @@ async fn instances(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), s
         "SELECT instance_id, owner_id, agent_id, agent_version, thread_id, status, input,
                 created_at, started_at, ended_at, updated_at, last_sequence, thought_count,
                 tool_call_count, open_tool_calls, last_message, last_internal
-           FROM rm_instances WHERE instance_id = ANY($1)",
+           FROM unnest($1::uuid[]) AS k(id)
+           CROSS JOIN LATERAL (SELECT * FROM rm_instances WHERE instance_id = k.id) r",
     )
     .bind(earlier_runs(batch))
     .fetch_all(&mut *conn)
@@ -493,8 +536,10 @@ fn status_index(status: &str) -> Result<usize, sqlx::Error> {
 
 async fn agent_stats(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
     let known: Vec<(Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT instance_id, agent_id, status, created_at FROM rm_agent_stats_runs
-          WHERE instance_id = ANY($1)",
+        "SELECT r.instance_id, r.agent_id, r.status, r.created_at FROM unnest($1::uuid[]) AS k(id)
+           CROSS JOIN LATERAL (
+                SELECT * FROM rm_agent_stats_runs WHERE instance_id = k.id
+           ) r",
     )
     .bind(earlier_runs(batch))
     .fetch_all(&mut *conn)
@@ -611,7 +656,8 @@ struct UserDelta {
 
 async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
     let known: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT instance_id, user_id FROM rm_usage_owners WHERE instance_id = ANY($1)",
+        "SELECT r.instance_id, r.user_id FROM unnest($1::uuid[]) AS k(id)
+           CROSS JOIN LATERAL (SELECT * FROM rm_usage_owners WHERE instance_id = k.id) r",
     )
     .bind(earlier_runs(batch))
     .fetch_all(&mut *conn)
