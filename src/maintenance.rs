@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use apex_projections::ReadModel;
 use apex_projections::{audit, rebuild};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -75,21 +75,32 @@ pub async fn audit(pool: &PgPool, command: AuditCommand) -> anyhow::Result<()> {
 }
 
 /// `apex rebuild <projection>|--all`.
+///
+/// Every named read model is rebuilt in one pass over the store (`rebuild::run_all`): each
+/// batch is read and decoded once and applied to all the copies concurrently; each read model
+/// is then swapped in under its own lock.
 pub async fn rebuild(pool: &PgPool, models: &[ReadModel]) -> anyhow::Result<()> {
+    let mut started = Vec::with_capacity(models.len());
     for model in models {
-        let progress = bar(0, model.name());
-        let mut last_rate = 0.0;
-        let done = rebuild::rebuild(pool, *model, |p| {
-            progress.set_length(p.total.max(p.done));
-            progress.set_position(p.done);
-            last_rate = p.per_second;
-        })
-        .await?;
-        progress.finish();
-        println!(
-            "{}: rebuilt from {done} events ({last_rate:.0} events/s) and swapped in",
-            model.name()
+        started.push(
+            rebuild::try_start(pool, *model)
+                .await
+                .with_context(|| format!("starting the rebuild of {}", model.name()))?,
         );
     }
+    let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
+    let progress = bar(0, "store");
+    let mut last_rate = 0.0;
+    let done = rebuild::run_all(started, |p| {
+        progress.set_length(p.total.max(p.done));
+        progress.set_position(p.done);
+        last_rate = p.per_second;
+    })
+    .await?;
+    progress.finish();
+    println!(
+        "{}: rebuilt from {done} events ({last_rate:.0} events/s) and swapped in",
+        names.join(", ")
+    );
     Ok(())
 }

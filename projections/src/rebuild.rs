@@ -144,40 +144,70 @@ impl Rebuild {
 
     /// Replays and swaps, calling `progress` after each batch; records the outcome and
     /// releases the lock. Returns the events replayed.
-    pub async fn run(mut self, mut progress: impl FnMut(Progress)) -> Result<u64, RebuildError> {
-        let (pool, model, run_id) = (self.pool.clone(), self.model, self.run_id);
-        let result = run(
-            &pool,
-            model,
-            &mut self.guard,
-            run_id,
-            self.batch,
-            &mut progress,
-        )
-        .await;
-        let (status, events, error) = match &result {
-            Ok(n) => ("succeeded", Some(*n as i64), None),
-            Err(e) => ("failed", None, Some(e.to_string())),
-        };
-        sqlx::query(
+    pub async fn run(self, progress: impl FnMut(Progress)) -> Result<u64, RebuildError> {
+        run_all(vec![self], progress).await
+    }
+}
+
+/// Performs several started rebuilds in **one** pass over the store: each batch is read and
+/// decoded once and applied to every read model's private copy concurrently (one transaction
+/// per copy, on connections of their own), while the next batch is read. Then each read model
+/// is swapped in on its own, under its own exclusive lock. Records each run's outcome and
+/// releases the locks; returns the store events replayed (per read model, the events of its
+/// aggregate type). The first failure fails every run of the pass.
+///
+/// `apex rebuild --all` uses it; the batch size is the smallest of the rebuilds'.
+pub async fn run_all(
+    rebuilds: Vec<Rebuild>,
+    mut progress: impl FnMut(Progress),
+) -> Result<u64, RebuildError> {
+    let Some(first) = rebuilds.first() else {
+        return Ok(0);
+    };
+    let pool = first.pool.clone();
+    let batch = rebuilds.iter().map(|r| r.batch).min().unwrap_or(BATCH);
+    let models: Vec<ReadModel> = rebuilds.iter().map(|r| r.model).collect();
+    let mut guards: Vec<(i64, PgConnection)> =
+        rebuilds.into_iter().map(|r| (r.run_id, r.guard)).collect();
+    let result = run(&pool, &models, &mut guards, batch, &mut progress).await;
+    let (status, events, error) = match &result {
+        Ok(n) => ("succeeded", Some(*n as i64), None),
+        Err(e) => ("failed", None, Some(e.to_string())),
+    };
+    let mut recorded = Ok(());
+    for (run_id, guard) in &mut guards {
+        let update = sqlx::query(
             "UPDATE projection_rebuilds
                 SET status = $2, events = COALESCE($3, events), error = $4, finished_at = now()
               WHERE id = $1",
         )
-        .bind(run_id)
+        .bind(*run_id)
         .bind(status)
         .bind(events)
-        .bind(error)
-        .execute(&mut self.guard)
-        .await?;
-        if result.is_err() {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", schema(model)))
-                .execute(&pool)
-                .await;
+        .bind(error.as_deref())
+        .execute(&mut *guard)
+        .await;
+        if let Err(e) = update {
+            recorded = Err(e);
         }
-        let _ = sqlx::Connection::close(self.guard).await;
-        result
     }
+    if result.is_err() {
+        for model in &models {
+            if let Err(e) =
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", schema(*model)))
+                    .execute(&pool)
+                    .await
+            {
+                tracing::error!(read_model = model.name(), error = %e, "dropping a failed rebuild's copy");
+            }
+        }
+    }
+    for (_, guard) in guards {
+        let _ = sqlx::Connection::close(guard).await;
+    }
+    let events = result?;
+    recorded?;
+    Ok(events)
 }
 
 fn schema(model: ReadModel) -> String {
@@ -248,67 +278,200 @@ pub async fn latest_runs(pool: &PgPool) -> Result<Vec<RebuildRun>, sqlx::Error> 
 
 async fn run(
     pool: &PgPool,
-    model: ReadModel,
-    guard: &mut PgConnection,
-    run_id: i64,
+    models: &[ReadModel],
+    guards: &mut [(i64, PgConnection)],
     batch: i64,
     progress: &mut impl FnMut(Progress),
 ) -> Result<u64, RebuildError> {
-    let schema = schema(model);
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = $1")
-        .bind(model.aggregate_type())
-        .fetch_one(pool)
-        .await?;
-    {
-        let mut tx = pool.begin().await?;
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-            .execute(&mut *tx)
+    let mut types: Vec<&str> = models.iter().map(|m| m.aggregate_type()).collect();
+    types.sort_unstable();
+    types.dedup();
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = ANY($1)")
+            .bind(&types)
+            .fetch_one(pool)
             .await?;
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&mut *tx)
-            .await?;
-        for table in model
-            .tables()
-            .iter()
-            .chain(&["projector_offsets", "projector_status"])
-        {
-            sqlx::query(&format!(
-                "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
-            ))
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(&format!(
-            "INSERT INTO {schema}.projector_status (projector) VALUES ($1)"
-        ))
-        .bind(model.name())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+    for model in models {
+        prepare(pool, *model).await?;
     }
     let started = Instant::now();
     let mut checkpoint = (0i64, 0i64);
     let mut done = 0u64;
+    let rate = |done: u64| Progress {
+        done,
+        total: total.max(0) as u64,
+        per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    };
+    // Read batch n+1 while batch n is applied to every copy.
+    let mut current = read(pool, &types, batch, &mut checkpoint).await?;
     loop {
-        let mut tx = pool.begin().await?;
-        let applied = replay_batch(&mut tx, model, &schema, batch, &mut checkpoint).await?;
-        tx.commit().await?;
-        done += applied.events;
-        sqlx::query("UPDATE projection_rebuilds SET events = $2 WHERE id = $1")
-            .bind(run_id)
-            .bind(done as i64)
-            .execute(&mut *guard)
-            .await?;
-        progress(Progress {
-            done,
-            total: total.max(0) as u64,
-            per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        });
-        if !applied.full {
-            break;
+        let full = current.len() as i64 == batch;
+        let next = async {
+            if full {
+                Some(read(pool, &types, batch, &mut checkpoint).await)
+            } else {
+                None
+            }
+        };
+        let applied = futures::future::try_join_all(
+            models
+                .iter()
+                .map(|model| apply_to_copy(pool, *model, &current)),
+        );
+        let (next, applied) = tokio::join!(next, applied);
+        applied?;
+        done += current.len() as u64;
+        for (run_id, guard) in guards.iter_mut() {
+            sqlx::query("UPDATE projection_rebuilds SET events = $2 WHERE id = $1")
+                .bind(*run_id)
+                .bind(done as i64)
+                .execute(&mut *guard)
+                .await?;
+        }
+        progress(rate(done));
+        match next {
+            Some(next) => current = next?,
+            None => break,
         }
     }
-    // Swap.
+    for model in models {
+        done += swap(pool, *model, batch, checkpoint).await?;
+    }
+    progress(rate(done));
+    Ok(done)
+}
+
+/// Creates `model`'s private copy in schema `rebuild_<name>`: its tables (empty, with their
+/// indexes), its offsets and its status row.
+async fn prepare(pool: &PgPool, model: ReadModel) -> Result<(), RebuildError> {
+    let schema = schema(model);
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    for table in model
+        .tables()
+        .iter()
+        .chain(&["projector_offsets", "projector_status"])
+    {
+        sqlx::query(&format!(
+            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.projector_status (projector) VALUES ($1)"
+    ))
+    .bind(model.name())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The next batch of the store after `checkpoint` (events of `types` only), decoded.
+async fn read(
+    pool: &PgPool,
+    types: &[&str],
+    batch: i64,
+    checkpoint: &mut (i64, i64),
+) -> Result<Vec<(StoredEvent, DomainEvent)>, RebuildError> {
+    let sql = format!(
+        "SELECT {} FROM events
+          WHERE aggregate_type = ANY($1)
+            AND (transaction_id, position) > ($2::text::xid8, $3)
+            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY events.transaction_id, events.position
+          LIMIT $4",
+        store::EVENT_COLUMNS
+    );
+    let rows = sqlx::query(&sql)
+        .bind(types)
+        .bind(checkpoint.0.to_string())
+        .bind(checkpoint.1)
+        .bind(batch)
+        .fetch_all(pool)
+        .await?;
+    let events = decode_rows(&rows)?;
+    if let Some((last, _)) = events.last() {
+        *checkpoint = (last.transaction_id, last.position);
+    }
+    Ok(events)
+}
+
+fn decode_rows(
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<Vec<(StoredEvent, DomainEvent)>, RebuildError> {
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let stored = store::from_row(row)?;
+        let event = stored.decode().map_err(|e| {
+            RebuildError::Decode(
+                format!("{}#{}", stored.aggregate_id, stored.sequence),
+                e.to_string(),
+            )
+        })?;
+        events.push((stored, event));
+    }
+    Ok(events)
+}
+
+/// Applies the events of `model`'s aggregate type among `events` to its copy, in a transaction
+/// of its own.
+async fn apply_to_copy(
+    pool: &PgPool,
+    model: ReadModel,
+    events: &[(StoredEvent, DomainEvent)],
+) -> Result<(), RebuildError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "SET LOCAL search_path = {}, public",
+        schema(model)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    apply_events(&mut tx, model, events).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Applies the events of `model`'s aggregate type among `events`: set-based when they continue
+/// their streams exactly, otherwise event by event as the live projector does (duplicates
+/// skipped, gaps repaired).
+async fn apply_events(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    events: &[(StoredEvent, DomainEvent)],
+) -> Result<(), RebuildError> {
+    let mine: Vec<&(StoredEvent, DomainEvent)> = events
+        .iter()
+        .filter(|(s, _)| s.aggregate_type == model.aggregate_type())
+        .collect();
+    if model == ReadModel::Agents
+        || !batch::apply(conn, model, mine.iter().map(|(s, e)| (s, e))).await?
+    {
+        for (stored, event) in mine {
+            apply_one(conn, model, stored, event).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Swaps `model`'s copy in, in one transaction under its exclusive lock: applies what was
+/// committed after `checkpoint`, then replaces the public tables and the projector's offsets.
+/// Returns the events applied in the catch-up.
+async fn swap(
+    pool: &PgPool,
+    model: ReadModel,
+    batch: i64,
+    mut checkpoint: (i64, i64),
+) -> Result<u64, RebuildError> {
+    let schema = schema(model);
+    let mut done = 0;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(model_lock_key(model))
@@ -345,11 +508,6 @@ async fn run(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    progress(Progress {
-        done,
-        total: total.max(0) as u64,
-        per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
-    });
     Ok(done)
 }
 
@@ -390,40 +548,13 @@ async fn replay_batch(
         .fetch_all(&mut *conn)
         .await?;
     let full = rows.len() as i64 == batch;
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let stored = store::from_row(row)?;
-        let event = stored.decode().map_err(|e| {
-            RebuildError::Decode(
-                format!("{}#{}", stored.aggregate_id, stored.sequence),
-                e.to_string(),
-            )
-        })?;
-        events.push((stored, event));
-    }
+    let events = decode_rows(&rows)?;
     if let Some((last, _)) = events.last() {
         *checkpoint = (last.transaction_id, last.position);
     }
-    let applied = events.len() as u64;
-    if model == ReadModel::Agents
-        || !batch::apply(conn, model, events.iter().map(|(s, e)| (s, e))).await?
-    {
-        per_event(conn, model, &events).await?;
-    }
+    apply_events(conn, model, &events).await?;
     Ok(Batch {
-        events: applied,
+        events: events.len() as u64,
         full,
     })
-}
-
-/// The live projector's path, one event at a time (duplicates skipped, gaps repaired).
-async fn per_event(
-    conn: &mut PgConnection,
-    model: ReadModel,
-    events: &[(StoredEvent, DomainEvent)],
-) -> Result<(), RebuildError> {
-    for (stored, event) in events {
-        apply_one(conn, model, stored, event).await?;
-    }
-    Ok(())
 }
