@@ -3,7 +3,9 @@
 //! 1. The read model's tables are copied empty into a private schema `rebuild_<name>`.
 //! 2. The store is replayed into the copy in `(transaction_id, position)` order, in batches of
 //!    the read model's aggregate type, with `search_path` pointing at the copy (the projection
-//!    code uses unqualified names). Readers and the live projector keep using the public tables
+//!    code uses unqualified names). Several read models rebuilt together ([`run_all`]) share
+//!    one pass: each batch is read and decoded once and applied to every copy concurrently.
+//!    Readers and the live projector keep using the public tables
 //!    meanwhile. The four instance read models apply a batch set-based (see [`batch`]): the
 //!    batch is folded in memory with the projection rules, then written with a few `unnest`
 //!    statements, offsets included; a batch that is not a clean continuation of every stream
