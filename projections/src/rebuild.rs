@@ -1,18 +1,24 @@
 //! Rebuilds a read model from the event store without downtime for readers.
 //!
-//! 1. The read model's tables are copied empty into a private schema `rebuild_<name>`.
-//! 2. The store is replayed into the copy in `(transaction_id, position)` order, in batches of
-//!    the read model's aggregate type, with `search_path` pointing at the copy (the projection
-//!    code uses unqualified names). Readers and the live projector keep using the public tables
-//!    meanwhile. The four instance read models apply a batch set-based (see [`batch`]): the
-//!    batch is folded in memory with the projection rules, then written with a few `unnest`
-//!    statements, offsets included; a batch that is not a clean continuation of every stream
-//!    (a duplicate or a gap) falls back to the per-event path of the live projector.
-//! 3. Swap, in one transaction: take the read model's exclusive advisory lock (the live
-//!    projector holds it shared while it writes), apply what arrived since the replay started,
-//!    replace the public tables and the projector's offsets with the copy's, drop the schema.
-//!    Readers wait for that transaction (milliseconds), they never fail; events that arrive
-//!    later are applied by the live projector to the new tables as usual.
+//! 1. The read model's tables are copied empty into a private schema `rebuild_<name>`,
+//!    `UNLOGGED` and with their primary keys and constraints but without their other indexes.
+//! 2. The store is replayed into the copy in `(transaction_id, position)` order, with
+//!    `search_path` pointing at the copy (the projection code uses unqualified names). Several
+//!    read models rebuilt together ([`run_all`]) share one pass: each batch is read and decoded
+//!    once and applied to every copy concurrently (a transaction per copy) while the next
+//!    batch is read. Readers and the live projector keep using the public tables meanwhile.
+//!    The four instance read models apply a batch set-based (see [`batch`]): the batch is
+//!    folded in memory with the projection rules, then written with a few `unnest` statements;
+//!    the copy's offsets are kept in memory during the replay (nothing else writes the copy).
+//!    A batch that is not a clean continuation of every stream (a duplicate or a gap) falls
+//!    back to the per-event path of the live projector, with the offsets in the copy's table.
+//! 3. Finish the copy: write its offsets, `SET LOGGED`, build the public tables' other indexes
+//!    under their names, `ANALYZE`; then apply what was committed meanwhile (no lock yet).
+//! 4. Swap, in one transaction: take the read model's exclusive advisory lock (the live
+//!    projector holds it shared while it writes), apply what arrived since, replace the public
+//!    tables and the projector's offsets with the copy's, drop the schema. Readers wait for
+//!    that transaction (milliseconds), they never fail; events that arrive later are applied
+//!    by the live projector to the new tables as usual.
 //!
 //! One rebuild per read model runs at a time, across processes: [`try_start`] takes a session
 //! advisory lock without waiting. Every run is recorded in `projection_rebuilds` (status,
@@ -302,6 +308,10 @@ async fn run(
         total: total.max(0) as u64,
         per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
     };
+    let mut offsets: Vec<batch::CopyOffsets> = models
+        .iter()
+        .map(|_| batch::CopyOffsets::default())
+        .collect();
     // Read batch n+1 while batch n is applied to every copy.
     let mut current = read(pool, &types, batch, &mut checkpoint).await?;
     loop {
@@ -316,7 +326,8 @@ async fn run(
         let applied = futures::future::try_join_all(
             models
                 .iter()
-                .map(|model| apply_to_copy(pool, *model, &current)),
+                .zip(offsets.iter_mut())
+                .map(|(model, offsets)| apply_to_copy(pool, *model, &current, offsets)),
         );
         let (next, applied) = tokio::join!(next, applied);
         applied?;
@@ -334,15 +345,31 @@ async fn run(
             None => break,
         }
     }
+    futures::future::try_join_all(
+        models
+            .iter()
+            .zip(&offsets)
+            .map(|(model, offsets)| finish_copy(pool, *model, offsets)),
+    )
+    .await?;
+    drop(offsets);
     for model in models {
+        // What was committed during the replay's end and the index builds is applied before
+        // the swap takes the exclusive lock, so the swap itself has little left to apply.
+        let mut checkpoint = checkpoint;
+        done += catch_up(pool, *model, batch, &mut checkpoint).await?;
         done += swap(pool, *model, batch, checkpoint).await?;
     }
     progress(rate(done));
     Ok(done)
 }
 
-/// Creates `model`'s private copy in schema `rebuild_<name>`: its tables (empty, with their
-/// indexes), its offsets and its status row.
+/// Creates `model`'s private copy in schema `rebuild_<name>`: its tables (empty), its offsets
+/// and its status row, all `UNLOGGED` (no WAL while they are filled; a crash empties them, and
+/// a crashed rebuild's copy is dropped anyway). The read model's tables keep their columns,
+/// defaults and constraints (primary keys included: the fold looks rows up by them) but not
+/// their other indexes; [`finish_copy`] builds those and makes the tables logged before the
+/// swap.
 async fn prepare(pool: &PgPool, model: ReadModel) -> Result<(), RebuildError> {
     let schema = schema(model);
     let mut tx = pool.begin().await?;
@@ -358,10 +385,25 @@ async fn prepare(pool: &PgPool, model: ReadModel) -> Result<(), RebuildError> {
         .chain(&["projector_offsets", "projector_status"])
     {
         sqlx::query(&format!(
-            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+            "CREATE UNLOGGED TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
         ))
         .execute(&mut *tx)
         .await?;
+    }
+    for table in model.tables() {
+        let secondary: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT quote_ident(c.relname) FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = '{schema}.{table}'::regclass
+                AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        for index in secondary {
+            sqlx::query(&format!("DROP INDEX {schema}.{index}"))
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     sqlx::query(&format!(
         "INSERT INTO {schema}.projector_status (projector) VALUES ($1)"
@@ -370,6 +412,66 @@ async fn prepare(pool: &PgPool, model: ReadModel) -> Result<(), RebuildError> {
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Makes `model`'s copy what the swap moves into `public`: its offsets written from memory,
+/// each table `LOGGED`, with the public table's secondary indexes under their public names
+/// (index names are per schema), and analyzed. After this the copy's tables are defined
+/// exactly as the public ones.
+async fn finish_copy(
+    pool: &PgPool,
+    model: ReadModel,
+    offsets: &batch::CopyOffsets,
+) -> Result<(), RebuildError> {
+    let schema = schema(model);
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("SET LOCAL search_path = {schema}, public"))
+        .execute(&mut *tx)
+        .await?;
+    batch::flush_offsets(&mut tx, model, offsets).await?;
+    tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET maintenance_work_mem = '256MB'")
+        .execute(&mut *conn)
+        .await?;
+    let result = async {
+        for table in model.tables() {
+            sqlx::query(&format!("ALTER TABLE {schema}.{table} SET LOGGED"))
+                .execute(&mut *conn)
+                .await?;
+            let definitions: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
+                  WHERE i.indrelid = 'public.{table}'::regclass
+                    AND NOT EXISTS (SELECT 1 FROM pg_constraint k
+                                     WHERE k.conindid = i.indexrelid)
+                  ORDER BY i.indexrelid"
+            ))
+            .fetch_all(&mut *conn)
+            .await?;
+            let public = format!(" ON public.{table} ");
+            for definition in definitions {
+                if !definition.contains(&public) {
+                    return Err(RebuildError::Database(sqlx::Error::Protocol(format!(
+                        "rebuild: unexpected index definition on {table}: {definition}"
+                    ))));
+                }
+                let copy = definition.replacen(&public, &format!(" ON {schema}.{table} "), 1);
+                sqlx::query(&copy).execute(&mut *conn).await?;
+            }
+            sqlx::query(&format!("ANALYZE {schema}.{table}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+    .await;
+    // The pooled connection goes back with the server's default again.
+    let reset = sqlx::query("RESET maintenance_work_mem")
+        .execute(&mut *conn)
+        .await;
+    result?;
+    reset?;
     Ok(())
 }
 
@@ -420,12 +522,15 @@ fn decode_rows(
     Ok(events)
 }
 
-/// Applies the events of `model`'s aggregate type among `events` to its copy, in a transaction
-/// of its own.
+/// Applies the events of `model`'s aggregate type among `events` to its copy during the
+/// replay, in a transaction of its own: set-based with the copy's offsets in memory
+/// ([`batch::apply_replay`]) when they continue their streams exactly, otherwise event by event
+/// as the live projector does (the offsets written to the copy first and read back after).
 async fn apply_to_copy(
     pool: &PgPool,
     model: ReadModel,
     events: &[(StoredEvent, DomainEvent)],
+    offsets: &mut batch::CopyOffsets,
 ) -> Result<(), RebuildError> {
     let mut tx = pool.begin().await?;
     sqlx::query(&format!(
@@ -434,7 +539,23 @@ async fn apply_to_copy(
     ))
     .execute(&mut *tx)
     .await?;
-    apply_events(&mut tx, model, events).await?;
+    let mine: Vec<&(StoredEvent, DomainEvent)> = events
+        .iter()
+        .filter(|(s, _)| s.aggregate_type == model.aggregate_type())
+        .collect();
+    if model == ReadModel::Agents {
+        for (stored, event) in mine {
+            apply_one(&mut tx, model, stored, event).await?;
+        }
+    } else if !batch::apply_replay(&mut tx, model, mine.iter().map(|(s, e)| (s, e)), offsets)
+        .await?
+    {
+        batch::flush_offsets(&mut tx, model, offsets).await?;
+        for (stored, event) in mine {
+            apply_one(&mut tx, model, stored, event).await?;
+        }
+        *offsets = batch::load_offsets(&mut tx, model).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -459,6 +580,27 @@ async fn apply_events(
         }
     }
     Ok(())
+}
+
+/// Applies to `model`'s copy what was committed after `checkpoint`, a transaction per batch,
+/// without the read model's lock; moves `checkpoint`. Returns the events applied.
+async fn catch_up(
+    pool: &PgPool,
+    model: ReadModel,
+    batch: i64,
+    checkpoint: &mut (i64, i64),
+) -> Result<u64, RebuildError> {
+    let schema = schema(model);
+    let mut done = 0;
+    loop {
+        let mut tx = pool.begin().await?;
+        let applied = replay_batch(&mut tx, model, &schema, batch, checkpoint).await?;
+        tx.commit().await?;
+        done += applied.events;
+        if !applied.full {
+            return Ok(done);
+        }
+    }
 }
 
 /// Swaps `model`'s copy in, in one transaction under its exclusive lock: applies what was

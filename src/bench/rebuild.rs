@@ -45,7 +45,11 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         tokio::time::timeout(budget, async {
             let mut rebuilds = Vec::new();
             for model in ReadModel::ALL {
-                rebuilds.push(rebuild::try_start(&stack.pool, model).await?.batch_size(batch));
+                rebuilds.push(
+                    rebuild::try_start(&stack.pool, model)
+                        .await?
+                        .batch_size(batch),
+                );
             }
             rebuild::run_all(rebuilds, move |p| {
                 *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
