@@ -24,6 +24,7 @@
 //! advisory lock without waiting. Every run is recorded in `projection_rebuilds` (status,
 //! events replayed so far, error); [`latest_runs`] reads the latest run of each read model.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -33,7 +34,6 @@ use sqlx::{PgConnection, PgPool};
 use crate::envelope::{DomainEvent, StoredEvent};
 use crate::projector::{apply_one, model_lock_key};
 use crate::read_models::ReadModel;
-use crate::store;
 
 pub(crate) mod batch;
 
@@ -312,25 +312,46 @@ async fn run(
         .iter()
         .map(|_| batch::CopyOffsets::default())
         .collect();
-    // Read batch n+1 while batch n is applied to every copy.
-    let mut current = read(pool, &types, batch, &mut checkpoint).await?;
+    // Batch n+1 is read and decoded while batch n is applied to every copy. Each of these is a
+    // task of its own, so the decoding and the copies' folds run on all the runtime's threads.
+    let mut current = Arc::new(read(pool, &types, batch, &mut checkpoint).await?);
     loop {
-        let full = current.len() as i64 == batch;
-        let next = async {
-            if full {
-                Some(read(pool, &types, batch, &mut checkpoint).await)
-            } else {
-                None
+        let next = (current.len() as i64 == batch).then(|| {
+            let (pool, types) = (pool.clone(), types.clone());
+            tokio::spawn(async move {
+                let mut checkpoint = checkpoint;
+                let events = read(&pool, &types, batch, &mut checkpoint).await;
+                events.map(|events| (events, checkpoint))
+            })
+        });
+        let tasks: Vec<_> = models
+            .iter()
+            .zip(std::mem::take(&mut offsets))
+            .map(|(model, mut offsets)| {
+                let (pool, model, events) = (pool.clone(), *model, current.clone());
+                tokio::spawn(async move {
+                    apply_to_copy(&pool, model, &events, &mut offsets)
+                        .await
+                        .map(|()| offsets)
+                })
+            })
+            .collect();
+        // Every task ends before an error is returned: none may still write into a copy
+        // that the failure handling drops.
+        let mut failure = None;
+        for task in tasks {
+            match joined(task.await) {
+                Ok(done) => offsets.push(done),
+                Err(e) => failure = failure.or(Some(e)),
             }
+        }
+        let next = match next {
+            Some(task) => Some(joined(task.await)),
+            None => None,
         };
-        let applied = futures::future::try_join_all(
-            models
-                .iter()
-                .zip(offsets.iter_mut())
-                .map(|(model, offsets)| apply_to_copy(pool, *model, &current, offsets)),
-        );
-        let (next, applied) = tokio::join!(next, applied);
-        applied?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         done += current.len() as u64;
         for (run_id, guard) in guards.iter_mut() {
             sqlx::query("UPDATE projection_rebuilds SET events = $2 WHERE id = $1")
@@ -341,10 +362,15 @@ async fn run(
         }
         progress(rate(done));
         match next {
-            Some(next) => current = next?,
+            Some(next) => {
+                let (events, moved) = next?;
+                checkpoint = moved;
+                current = Arc::new(events);
+            }
             None => break,
         }
     }
+    drop(current);
     futures::future::try_join_all(
         models
             .iter()
@@ -362,6 +388,19 @@ async fn run(
     }
     progress(rate(done));
     Ok(done)
+}
+
+/// The outcome of a task of the replay; a panic in it resumes here.
+fn joined<T>(
+    outcome: Result<Result<T, RebuildError>, tokio::task::JoinError>,
+) -> Result<T, RebuildError> {
+    match outcome {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(RebuildError::Database(sqlx::Error::Protocol(format!(
+            "rebuild: a replay task was cancelled: {e}"
+        )))),
+    }
 }
 
 /// Creates `model`'s private copy in schema `rebuild_<name>`: its tables (empty), its offsets
@@ -475,43 +514,73 @@ async fn finish_copy(
     Ok(())
 }
 
-/// The next batch of the store after `checkpoint` (events of `types` only), decoded.
-async fn read(
-    pool: &PgPool,
+/// The columns a rebuild reads: [`crate::store::EVENT_COLUMNS`], but of the metadata only the
+/// `traceparent` (the only part a read model keeps).
+const REPLAY_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, \
+     event_version, payload, position, transaction_id::text::bigint AS transaction_id, \
+     recorded_at, correlation_id, causation_id, principal, principal_role, \
+     metadata->>'traceparent' AS traceparent";
+
+/// A batch of the store, decoded. The events' `payload` is `Null`: it was moved into the
+/// decoded event.
+type Events = Vec<(StoredEvent, DomainEvent)>;
+
+/// The next batch of the store after `checkpoint` (events of `types` only, below the horizon
+/// of finished transactions, as the relay reads), decoded; moves `checkpoint`.
+async fn read<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
     types: &[&str],
     batch: i64,
     checkpoint: &mut (i64, i64),
-) -> Result<Vec<(StoredEvent, DomainEvent)>, RebuildError> {
+) -> Result<Events, RebuildError> {
+    // The ORDER BY names the table's columns: a bare `transaction_id` would be the bigint
+    // output column, which the (transaction_id, position) index cannot deliver, so every batch
+    // would sort the whole rest of the store.
     let sql = format!(
-        "SELECT {} FROM events
+        "SELECT {REPLAY_COLUMNS} FROM events
           WHERE aggregate_type = ANY($1)
             AND (transaction_id, position) > ($2::text::xid8, $3)
             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
           ORDER BY events.transaction_id, events.position
-          LIMIT $4",
-        store::EVENT_COLUMNS
+          LIMIT $4"
     );
     let rows = sqlx::query(&sql)
         .bind(types)
         .bind(checkpoint.0.to_string())
         .bind(checkpoint.1)
         .bind(batch)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await?;
-    let events = decode_rows(&rows)?;
+    let events = decode_rows(rows)?;
     if let Some((last, _)) = events.last() {
         *checkpoint = (last.transaction_id, last.position);
     }
     Ok(events)
 }
 
-fn decode_rows(
-    rows: &[sqlx::postgres::PgRow],
-) -> Result<Vec<(StoredEvent, DomainEvent)>, RebuildError> {
+fn decode_rows(rows: Vec<sqlx::postgres::PgRow>) -> Result<Events, RebuildError> {
+    use sqlx::Row;
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
-        let stored = store::from_row(row)?;
-        let event = stored.decode().map_err(|e| {
+        let mut stored = StoredEvent {
+            event_id: row.try_get("event_id")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            position: row.try_get("position")?,
+            transaction_id: row.try_get("transaction_id")?,
+            recorded_at: row.try_get("recorded_at")?,
+            correlation_id: row.try_get("correlation_id")?,
+            causation_id: row.try_get("causation_id")?,
+            principal: row.try_get("principal")?,
+            principal_role: row.try_get("principal_role")?,
+            traceparent: row.try_get("traceparent")?,
+        };
+        drop(row);
+        let event = stored.decode_taking_payload().map_err(|e| {
             RebuildError::Decode(
                 format!("{}#{}", stored.aggregate_id, stored.sequence),
                 e.to_string(),
@@ -520,6 +589,23 @@ fn decode_rows(
         events.push((stored, event));
     }
     Ok(events)
+}
+
+/// Reads and decodes the whole store as a rebuild of every read model does, `batch` events at
+/// a time, applying nothing; returns the events read. (The rebuild benchmark's ceiling.)
+pub async fn read_only(pool: &PgPool, batch: i64) -> Result<u64, RebuildError> {
+    let mut types: Vec<&str> = ReadModel::ALL.iter().map(|m| m.aggregate_type()).collect();
+    types.sort_unstable();
+    types.dedup();
+    let mut checkpoint = (0i64, 0i64);
+    let mut count = 0u64;
+    loop {
+        let events = read(pool, &types, batch.max(1), &mut checkpoint).await?;
+        if events.is_empty() {
+            return Ok(count);
+        }
+        count += events.len() as u64;
+    }
 }
 
 /// Applies the events of `model`'s aggregate type among `events` to its copy during the
@@ -669,31 +755,9 @@ async fn replay_batch(
     sqlx::query(&format!("SET LOCAL search_path = {schema}, public"))
         .execute(&mut *conn)
         .await?;
-    // Only the read model's aggregate type: the checkpoint moves over the rest unread. The
-    // ORDER BY names the table's columns: a bare `transaction_id` would be the bigint output
-    // column of EVENT_COLUMNS, which the (transaction_id, position) index cannot deliver, so
-    // every batch would sort the whole rest of the store.
-    let sql = format!(
-        "SELECT {} FROM events
-          WHERE aggregate_type = $1
-            AND (transaction_id, position) > ($2::text::xid8, $3)
-            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY events.transaction_id, events.position
-          LIMIT $4",
-        store::EVENT_COLUMNS
-    );
-    let rows = sqlx::query(&sql)
-        .bind(model.aggregate_type())
-        .bind(checkpoint.0.to_string())
-        .bind(checkpoint.1)
-        .bind(batch)
-        .fetch_all(&mut *conn)
-        .await?;
-    let full = rows.len() as i64 == batch;
-    let events = decode_rows(&rows)?;
-    if let Some((last, _)) = events.last() {
-        *checkpoint = (last.transaction_id, last.position);
-    }
+    // Only the read model's aggregate type: the checkpoint moves over the rest unread.
+    let events = read(&mut *conn, &[model.aggregate_type()], batch, checkpoint).await?;
+    let full = events.len() as i64 == batch;
     apply_events(conn, model, &events).await?;
     Ok(Batch {
         events: events.len() as u64,
