@@ -107,11 +107,27 @@ impl StoredEvent {
 
     /// Decodes the payload into the current domain type, upcasting older versions.
     pub fn decode(&self) -> Result<DomainEvent, DecodeError> {
+        self.decode_data(self.data())
+    }
+
+    /// [`decode`](Self::decode), moving the payload out instead of copying it: `payload` is
+    /// `Null` afterwards. For readers that keep only the decoded event (a rebuild's replay).
+    pub fn decode_taking_payload(&mut self) -> Result<DomainEvent, DecodeError> {
+        let data = match std::mem::take(&mut self.payload) {
+            Value::Object(map) if map.len() == 1 => {
+                map.into_iter().next().map(|(_, v)| v).unwrap_or_default()
+            }
+            other => other,
+        };
+        self.decode_data(data)
+    }
+
+    fn decode_data(&self, data: Value) -> Result<DomainEvent, DecodeError> {
         let upcast = apex_domain::upcast::upcast(
             &self.aggregate_type,
             &self.event_type,
             &self.event_version,
-            self.data(),
+            data,
         )
         .map_err(DecodeError::Version)?;
         let mut tagged = Map::new();

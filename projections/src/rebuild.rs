@@ -1,25 +1,30 @@
 //! Rebuilds a read model from the event store without downtime for readers.
 //!
-//! 1. The read model's tables are copied empty into a private schema `rebuild_<name>`.
-//! 2. The store is replayed into the copy in `(transaction_id, position)` order, in batches of
-//!    the read model's aggregate type, with `search_path` pointing at the copy (the projection
-//!    code uses unqualified names). Several read models rebuilt together ([`run_all`]) share
-//!    one pass: each batch is read and decoded once and applied to every copy concurrently.
-//!    Readers and the live projector keep using the public tables
-//!    meanwhile. The four instance read models apply a batch set-based (see [`batch`]): the
-//!    batch is folded in memory with the projection rules, then written with a few `unnest`
-//!    statements, offsets included; a batch that is not a clean continuation of every stream
-//!    (a duplicate or a gap) falls back to the per-event path of the live projector.
-//! 3. Swap, in one transaction: take the read model's exclusive advisory lock (the live
-//!    projector holds it shared while it writes), apply what arrived since the replay started,
-//!    replace the public tables and the projector's offsets with the copy's, drop the schema.
-//!    Readers wait for that transaction (milliseconds), they never fail; events that arrive
-//!    later are applied by the live projector to the new tables as usual.
+//! 1. The read model's tables are copied empty into a private schema `rebuild_<name>`,
+//!    `UNLOGGED` and with their primary keys and constraints but without their other indexes.
+//! 2. The store is replayed into the copy in `(transaction_id, position)` order, with
+//!    `search_path` pointing at the copy (the projection code uses unqualified names). Several
+//!    read models rebuilt together ([`run_all`]) share one pass: each batch is read and decoded
+//!    once and applied to every copy concurrently (a transaction per copy) while the next
+//!    batch is read. Readers and the live projector keep using the public tables meanwhile.
+//!    The four instance read models apply a batch set-based (see [`batch`]): the batch is
+//!    folded in memory with the projection rules, then written with a few `unnest` statements;
+//!    the copy's offsets are kept in memory during the replay (nothing else writes the copy).
+//!    A batch that is not a clean continuation of every stream (a duplicate or a gap) falls
+//!    back to the per-event path of the live projector, with the offsets in the copy's table.
+//! 3. Finish the copy: write its offsets, `SET LOGGED`, build the public tables' other indexes
+//!    under their names, `ANALYZE`; then apply what was committed meanwhile (no lock yet).
+//! 4. Swap, in one transaction: take the read model's exclusive advisory lock (the live
+//!    projector holds it shared while it writes), apply what arrived since, replace the public
+//!    tables and the projector's offsets with the copy's, drop the schema. Readers wait for
+//!    that transaction (milliseconds), they never fail; events that arrive later are applied
+//!    by the live projector to the new tables as usual.
 //!
 //! One rebuild per read model runs at a time, across processes: [`try_start`] takes a session
 //! advisory lock without waiting. Every run is recorded in `projection_rebuilds` (status,
 //! events replayed so far, error); [`latest_runs`] reads the latest run of each read model.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -29,7 +34,6 @@ use sqlx::{PgConnection, PgPool};
 use crate::envelope::{DomainEvent, StoredEvent};
 use crate::projector::{apply_one, model_lock_key};
 use crate::read_models::ReadModel;
-use crate::store;
 
 pub(crate) mod batch;
 
@@ -304,24 +308,50 @@ async fn run(
         total: total.max(0) as u64,
         per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
     };
-    // Read batch n+1 while batch n is applied to every copy.
-    let mut current = read(pool, &types, batch, &mut checkpoint).await?;
+    let mut offsets: Vec<batch::CopyOffsets> = models
+        .iter()
+        .map(|_| batch::CopyOffsets::default())
+        .collect();
+    // Batch n+1 is read and decoded while batch n is applied to every copy. Each of these is a
+    // task of its own, so the decoding and the copies' folds run on all the runtime's threads.
+    let mut current = Arc::new(read(pool, &types, batch, &mut checkpoint).await?);
     loop {
-        let full = current.len() as i64 == batch;
-        let next = async {
-            if full {
-                Some(read(pool, &types, batch, &mut checkpoint).await)
-            } else {
-                None
+        let next = (current.len() as i64 == batch).then(|| {
+            let (pool, types) = (pool.clone(), types.clone());
+            tokio::spawn(async move {
+                let mut checkpoint = checkpoint;
+                let events = read(&pool, &types, batch, &mut checkpoint).await;
+                events.map(|events| (events, checkpoint))
+            })
+        });
+        let tasks: Vec<_> = models
+            .iter()
+            .zip(std::mem::take(&mut offsets))
+            .map(|(model, mut offsets)| {
+                let (pool, model, events) = (pool.clone(), *model, current.clone());
+                tokio::spawn(async move {
+                    apply_to_copy(&pool, model, &events, &mut offsets)
+                        .await
+                        .map(|()| offsets)
+                })
+            })
+            .collect();
+        // Every task ends before an error is returned: none may still write into a copy
+        // that the failure handling drops.
+        let mut failure = None;
+        for task in tasks {
+            match joined(task.await) {
+                Ok(done) => offsets.push(done),
+                Err(e) => failure = failure.or(Some(e)),
             }
+        }
+        let next = match next {
+            Some(task) => Some(joined(task.await)),
+            None => None,
         };
-        let applied = futures::future::try_join_all(
-            models
-                .iter()
-                .map(|model| apply_to_copy(pool, *model, &current)),
-        );
-        let (next, applied) = tokio::join!(next, applied);
-        applied?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         done += current.len() as u64;
         for (run_id, guard) in guards.iter_mut() {
             sqlx::query("UPDATE projection_rebuilds SET events = $2 WHERE id = $1")
@@ -332,19 +362,53 @@ async fn run(
         }
         progress(rate(done));
         match next {
-            Some(next) => current = next?,
+            Some(next) => {
+                let (events, moved) = next?;
+                checkpoint = moved;
+                current = Arc::new(events);
+            }
             None => break,
         }
     }
+    drop(current);
+    futures::future::try_join_all(
+        models
+            .iter()
+            .zip(&offsets)
+            .map(|(model, offsets)| finish_copy(pool, *model, offsets)),
+    )
+    .await?;
+    drop(offsets);
     for model in models {
+        // What was committed during the replay's end and the index builds is applied before
+        // the swap takes the exclusive lock, so the swap itself has little left to apply.
+        let mut checkpoint = checkpoint;
+        done += catch_up(pool, *model, batch, &mut checkpoint).await?;
         done += swap(pool, *model, batch, checkpoint).await?;
     }
     progress(rate(done));
     Ok(done)
 }
 
-/// Creates `model`'s private copy in schema `rebuild_<name>`: its tables (empty, with their
-/// indexes), its offsets and its status row.
+/// The outcome of a task of the replay; a panic in it resumes here.
+fn joined<T>(
+    outcome: Result<Result<T, RebuildError>, tokio::task::JoinError>,
+) -> Result<T, RebuildError> {
+    match outcome {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(RebuildError::Database(sqlx::Error::Protocol(format!(
+            "rebuild: a replay task was cancelled: {e}"
+        )))),
+    }
+}
+
+/// Creates `model`'s private copy in schema `rebuild_<name>`: its tables (empty), its offsets
+/// and its status row, all `UNLOGGED` (no WAL while they are filled; a crash empties them, and
+/// a crashed rebuild's copy is dropped anyway). The read model's tables keep their columns,
+/// defaults and constraints (primary keys included: the fold looks rows up by them) but not
+/// their other indexes; [`finish_copy`] builds those and makes the tables logged before the
+/// swap.
 async fn prepare(pool: &PgPool, model: ReadModel) -> Result<(), RebuildError> {
     let schema = schema(model);
     let mut tx = pool.begin().await?;
@@ -360,10 +424,25 @@ async fn prepare(pool: &PgPool, model: ReadModel) -> Result<(), RebuildError> {
         .chain(&["projector_offsets", "projector_status"])
     {
         sqlx::query(&format!(
-            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+            "CREATE UNLOGGED TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
         ))
         .execute(&mut *tx)
         .await?;
+    }
+    for table in model.tables() {
+        let secondary: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT quote_ident(c.relname) FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = '{schema}.{table}'::regclass
+                AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        for index in secondary {
+            sqlx::query(&format!("DROP INDEX {schema}.{index}"))
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     sqlx::query(&format!(
         "INSERT INTO {schema}.projector_status (projector) VALUES ($1)"
@@ -375,43 +454,133 @@ async fn prepare(pool: &PgPool, model: ReadModel) -> Result<(), RebuildError> {
     Ok(())
 }
 
-/// The next batch of the store after `checkpoint` (events of `types` only), decoded.
-async fn read(
+/// Makes `model`'s copy what the swap moves into `public`: its offsets written from memory,
+/// each table `LOGGED`, with the public table's secondary indexes under their public names
+/// (index names are per schema), and analyzed. After this the copy's tables are defined
+/// exactly as the public ones.
+async fn finish_copy(
     pool: &PgPool,
+    model: ReadModel,
+    offsets: &batch::CopyOffsets,
+) -> Result<(), RebuildError> {
+    let schema = schema(model);
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("SET LOCAL search_path = {schema}, public"))
+        .execute(&mut *tx)
+        .await?;
+    batch::flush_offsets(&mut tx, model, offsets).await?;
+    tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET maintenance_work_mem = '256MB'")
+        .execute(&mut *conn)
+        .await?;
+    let result = async {
+        for table in model.tables() {
+            sqlx::query(&format!("ALTER TABLE {schema}.{table} SET LOGGED"))
+                .execute(&mut *conn)
+                .await?;
+            let definitions: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
+                  WHERE i.indrelid = 'public.{table}'::regclass
+                    AND NOT EXISTS (SELECT 1 FROM pg_constraint k
+                                     WHERE k.conindid = i.indexrelid)
+                  ORDER BY i.indexrelid"
+            ))
+            .fetch_all(&mut *conn)
+            .await?;
+            let public = format!(" ON public.{table} ");
+            for definition in definitions {
+                if !definition.contains(&public) {
+                    return Err(RebuildError::Database(sqlx::Error::Protocol(format!(
+                        "rebuild: unexpected index definition on {table}: {definition}"
+                    ))));
+                }
+                let copy = definition.replacen(&public, &format!(" ON {schema}.{table} "), 1);
+                sqlx::query(&copy).execute(&mut *conn).await?;
+            }
+            sqlx::query(&format!("ANALYZE {schema}.{table}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+    .await;
+    // The pooled connection goes back with the server's default again.
+    let reset = sqlx::query("RESET maintenance_work_mem")
+        .execute(&mut *conn)
+        .await;
+    result?;
+    reset?;
+    Ok(())
+}
+
+/// The columns a rebuild reads: [`crate::store::EVENT_COLUMNS`], but of the metadata only the
+/// `traceparent` (the only part a read model keeps).
+const REPLAY_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, \
+     event_version, payload, position, transaction_id::text::bigint AS transaction_id, \
+     recorded_at, correlation_id, causation_id, principal, principal_role, \
+     metadata->>'traceparent' AS traceparent";
+
+/// A batch of the store, decoded. The events' `payload` is `Null`: it was moved into the
+/// decoded event.
+type Events = Vec<(StoredEvent, DomainEvent)>;
+
+/// The next batch of the store after `checkpoint` (events of `types` only, below the horizon
+/// of finished transactions, as the relay reads), decoded; moves `checkpoint`.
+async fn read<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
     types: &[&str],
     batch: i64,
     checkpoint: &mut (i64, i64),
-) -> Result<Vec<(StoredEvent, DomainEvent)>, RebuildError> {
+) -> Result<Events, RebuildError> {
+    // The ORDER BY names the table's columns: a bare `transaction_id` would be the bigint
+    // output column, which the (transaction_id, position) index cannot deliver, so every batch
+    // would sort the whole rest of the store.
     let sql = format!(
-        "SELECT {} FROM events
+        "SELECT {REPLAY_COLUMNS} FROM events
           WHERE aggregate_type = ANY($1)
             AND (transaction_id, position) > ($2::text::xid8, $3)
             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
           ORDER BY events.transaction_id, events.position
-          LIMIT $4",
-        store::EVENT_COLUMNS
+          LIMIT $4"
     );
     let rows = sqlx::query(&sql)
         .bind(types)
         .bind(checkpoint.0.to_string())
         .bind(checkpoint.1)
         .bind(batch)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await?;
-    let events = decode_rows(&rows)?;
+    let events = decode_rows(rows)?;
     if let Some((last, _)) = events.last() {
         *checkpoint = (last.transaction_id, last.position);
     }
     Ok(events)
 }
 
-fn decode_rows(
-    rows: &[sqlx::postgres::PgRow],
-) -> Result<Vec<(StoredEvent, DomainEvent)>, RebuildError> {
+fn decode_rows(rows: Vec<sqlx::postgres::PgRow>) -> Result<Events, RebuildError> {
+    use sqlx::Row;
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
-        let stored = store::from_row(row)?;
-        let event = stored.decode().map_err(|e| {
+        let mut stored = StoredEvent {
+            event_id: row.try_get("event_id")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            position: row.try_get("position")?,
+            transaction_id: row.try_get("transaction_id")?,
+            recorded_at: row.try_get("recorded_at")?,
+            correlation_id: row.try_get("correlation_id")?,
+            causation_id: row.try_get("causation_id")?,
+            principal: row.try_get("principal")?,
+            principal_role: row.try_get("principal_role")?,
+            traceparent: row.try_get("traceparent")?,
+        };
+        drop(row);
+        let event = stored.decode_taking_payload().map_err(|e| {
             RebuildError::Decode(
                 format!("{}#{}", stored.aggregate_id, stored.sequence),
                 e.to_string(),
@@ -422,12 +591,32 @@ fn decode_rows(
     Ok(events)
 }
 
-/// Applies the events of `model`'s aggregate type among `events` to its copy, in a transaction
-/// of its own.
+/// Reads and decodes the whole store as a rebuild of every read model does, `batch` events at
+/// a time, applying nothing; returns the events read. (The rebuild benchmark's ceiling.)
+pub async fn read_only(pool: &PgPool, batch: i64) -> Result<u64, RebuildError> {
+    let mut types: Vec<&str> = ReadModel::ALL.iter().map(|m| m.aggregate_type()).collect();
+    types.sort_unstable();
+    types.dedup();
+    let mut checkpoint = (0i64, 0i64);
+    let mut count = 0u64;
+    loop {
+        let events = read(pool, &types, batch.max(1), &mut checkpoint).await?;
+        if events.is_empty() {
+            return Ok(count);
+        }
+        count += events.len() as u64;
+    }
+}
+
+/// Applies the events of `model`'s aggregate type among `events` to its copy during the
+/// replay, in a transaction of its own: set-based with the copy's offsets in memory
+/// ([`batch::apply_replay`]) when they continue their streams exactly, otherwise event by event
+/// as the live projector does (the offsets written to the copy first and read back after).
 async fn apply_to_copy(
     pool: &PgPool,
     model: ReadModel,
     events: &[(StoredEvent, DomainEvent)],
+    offsets: &mut batch::CopyOffsets,
 ) -> Result<(), RebuildError> {
     let mut tx = pool.begin().await?;
     sqlx::query(&format!(
@@ -436,7 +625,23 @@ async fn apply_to_copy(
     ))
     .execute(&mut *tx)
     .await?;
-    apply_events(&mut tx, model, events).await?;
+    let mine: Vec<&(StoredEvent, DomainEvent)> = events
+        .iter()
+        .filter(|(s, _)| s.aggregate_type == model.aggregate_type())
+        .collect();
+    if model == ReadModel::Agents {
+        for (stored, event) in mine {
+            apply_one(&mut tx, model, stored, event).await?;
+        }
+    } else if !batch::apply_replay(&mut tx, model, mine.iter().map(|(s, e)| (s, e)), offsets)
+        .await?
+    {
+        batch::flush_offsets(&mut tx, model, offsets).await?;
+        for (stored, event) in mine {
+            apply_one(&mut tx, model, stored, event).await?;
+        }
+        *offsets = batch::load_offsets(&mut tx, model).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -461,6 +666,27 @@ async fn apply_events(
         }
     }
     Ok(())
+}
+
+/// Applies to `model`'s copy what was committed after `checkpoint`, a transaction per batch,
+/// without the read model's lock; moves `checkpoint`. Returns the events applied.
+async fn catch_up(
+    pool: &PgPool,
+    model: ReadModel,
+    batch: i64,
+    checkpoint: &mut (i64, i64),
+) -> Result<u64, RebuildError> {
+    let schema = schema(model);
+    let mut done = 0;
+    loop {
+        let mut tx = pool.begin().await?;
+        let applied = replay_batch(&mut tx, model, &schema, batch, checkpoint).await?;
+        tx.commit().await?;
+        done += applied.events;
+        if !applied.full {
+            return Ok(done);
+        }
+    }
 }
 
 /// Swaps `model`'s copy in, in one transaction under its exclusive lock: applies what was
@@ -529,31 +755,9 @@ async fn replay_batch(
     sqlx::query(&format!("SET LOCAL search_path = {schema}, public"))
         .execute(&mut *conn)
         .await?;
-    // Only the read model's aggregate type: the checkpoint moves over the rest unread. The
-    // ORDER BY names the table's columns: a bare `transaction_id` would be the bigint output
-    // column of EVENT_COLUMNS, which the (transaction_id, position) index cannot deliver, so
-    // every batch would sort the whole rest of the store.
-    let sql = format!(
-        "SELECT {} FROM events
-          WHERE aggregate_type = $1
-            AND (transaction_id, position) > ($2::text::xid8, $3)
-            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY events.transaction_id, events.position
-          LIMIT $4",
-        store::EVENT_COLUMNS
-    );
-    let rows = sqlx::query(&sql)
-        .bind(model.aggregate_type())
-        .bind(checkpoint.0.to_string())
-        .bind(checkpoint.1)
-        .bind(batch)
-        .fetch_all(&mut *conn)
-        .await?;
-    let full = rows.len() as i64 == batch;
-    let events = decode_rows(&rows)?;
-    if let Some((last, _)) = events.last() {
-        *checkpoint = (last.transaction_id, last.position);
-    }
+    // Only the read model's aggregate type: the checkpoint moves over the rest unread.
+    let events = read(&mut *conn, &[model.aggregate_type()], batch, checkpoint).await?;
+    let full = events.len() as i64 == batch;
     apply_events(conn, model, &events).await?;
     Ok(Batch {
         events: events.len() as u64,

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use apex_projections::amqp::{self, AmqpConfig, BusError};
-use apex_projections::store;
 use futures::StreamExt;
 use lapin::PublisherConfirm;
 use lapin::options::{
@@ -16,7 +15,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinSet;
 
@@ -256,41 +254,4 @@ pub(crate) async fn broker_hop(
         .context("the broker hop consumer closed early")?;
     let _ = connection.close(200, "hop done".into()).await;
     Ok(samples)
-}
-
-/// Events per second read from the store in relay order, `batch` at a time, and decoded into
-/// domain events, without applying them anywhere: the read a rebuild of one instance read
-/// model makes.
-pub(crate) async fn store_read(pool: &PgPool, batch: i64) -> anyhow::Result<(u64, f64)> {
-    // `events.` in the ORDER BY: the bare name would be the bigint output column of
-    // EVENT_COLUMNS, which the index cannot deliver (see docs/benchmarks.md).
-    let sql = format!(
-        "SELECT {} FROM events
-          WHERE (transaction_id, position) > ($1::text::xid8, $2)
-          ORDER BY events.transaction_id, events.position
-          LIMIT $3",
-        store::EVENT_COLUMNS
-    );
-    let started = Instant::now();
-    let mut checkpoint = (0i64, 0i64);
-    let mut count = 0u64;
-    loop {
-        let rows = sqlx::query(&sql)
-            .bind(checkpoint.0.to_string())
-            .bind(checkpoint.1)
-            .bind(batch)
-            .fetch_all(pool)
-            .await?;
-        let events = rows
-            .iter()
-            .map(store::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let Some(last) = events.last() else { break };
-        checkpoint = (last.transaction_id, last.position);
-        for e in &events {
-            e.decode()?;
-        }
-        count += events.len() as u64;
-    }
-    Ok((count, rate(count, started.elapsed())))
 }

@@ -79,6 +79,40 @@ async fn reader(
     }
 }
 
+/// How the read models' tables are defined: columns, persistence, indexes and constraints.
+async fn definitions(stack: &Stack) -> Vec<String> {
+    let tables: Vec<&str> = ReadModel::ALL
+        .iter()
+        .flat_map(|m| m.tables())
+        .copied()
+        .collect();
+    sqlx::query_scalar(
+        "SELECT format('%s column %s %s %s %s', table_name, column_name, data_type,
+                       is_nullable, column_default)
+           FROM information_schema.columns
+          WHERE table_schema = 'public' AND table_name = ANY($1)
+         UNION ALL
+         SELECT format('%s persistence %s', relname, relpersistence)
+           FROM pg_class
+          WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)
+         UNION ALL
+         SELECT format('%s index %s', tablename, indexdef)
+           FROM pg_indexes
+          WHERE schemaname = 'public' AND tablename = ANY($1)
+         UNION ALL
+         SELECT format('%s constraint %s %s', conrelid::regclass, conname,
+                       pg_get_constraintdef(oid))
+           FROM pg_constraint
+          WHERE connamespace = 'public'::regnamespace
+            AND conrelid::regclass::text = ANY($1)
+          ORDER BY 1",
+    )
+    .bind(&tables)
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 6)]
 async fn a_rebuild_under_load_ends_identical_to_the_live_read_models_and_no_query_fails() {
     let stack = Arc::new(stack().await);
@@ -92,6 +126,7 @@ async fn a_rebuild_under_load_ends_identical_to_the_live_read_models_and_no_quer
     }
     let watched = seeded[1].clone(); // a run of user-1
     stack.wait_projected(Duration::from_secs(60)).await;
+    let defined = definitions(&stack).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let queries = Arc::new(AtomicU64::new(0));
@@ -161,6 +196,18 @@ async fn a_rebuild_under_load_ends_identical_to_the_live_read_models_and_no_quer
         runs_written > 0 && grew_during >= 5,
         "commands did not continue: {runs_written} runs, grew during {grew_during} rebuilds"
     );
+
+    assert_eq!(
+        definitions(&stack).await,
+        defined,
+        "the rebuilt tables are defined differently"
+    );
+    let schemas: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(schemas, 0, "a rebuild left its private schema behind");
 
     let runs = rebuild::latest_runs(&stack.pool).await.unwrap();
     assert_eq!(runs.len(), ReadModel::ALL.len());

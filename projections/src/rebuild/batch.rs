@@ -73,6 +73,109 @@ pub(crate) async fn apply_collecting<'a>(
     Ok(true)
 }
 
+/// The offsets of a rebuild's private copy, kept in memory while the store is replayed into
+/// it: nothing else writes the copy, so they need not be read, locked and written back with
+/// every batch. [`flush_offsets`] writes them into the copy's `projector_offsets`.
+#[derive(Debug, Default)]
+pub(crate) struct CopyOffsets {
+    last: HashMap<String, i64>,
+}
+
+/// [`apply`] for the replay into a rebuild's private copy (`search_path` pointing at it): the
+/// same fold and the same writes, but the continuation is checked against, and advanced in,
+/// `offsets` instead of the copy's `projector_offsets`, and the status row is left alone (the
+/// swap takes only the offsets). Returns `false`, having written nothing and left `offsets`
+/// as they were, when the batch is not a clean continuation of every stream it touches.
+pub(crate) async fn apply_replay<'a>(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
+    offsets: &mut CopyOffsets,
+) -> Result<bool, sqlx::Error> {
+    let mut batch = Vec::new();
+    for (stored, event) in events {
+        let (DomainEvent::Instance(event), Ok(id)) = (event, Uuid::parse_str(&stored.aggregate_id))
+        else {
+            return Ok(false);
+        };
+        batch.push((stored, id, event));
+    }
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    for (stored, _, _) in &batch {
+        let id = stored.aggregate_id.as_str();
+        let seq = next
+            .entry(id)
+            .or_insert_with(|| offsets.last.get(id).copied().unwrap_or(0));
+        if stored.sequence != *seq + 1 {
+            return Ok(false);
+        }
+        *seq = stored.sequence;
+    }
+    if batch.is_empty() {
+        return Ok(true);
+    }
+    match model {
+        ReadModel::Timeline => timeline(conn, &batch, None).await?,
+        ReadModel::Instances => instances(conn, &batch).await?,
+        ReadModel::AgentStats => agent_stats(conn, &batch).await?,
+        ReadModel::Usage => usage(conn, &batch).await?,
+        ReadModel::Agents => return Ok(false),
+    }
+    for (id, seq) in next {
+        match offsets.last.get_mut(id) {
+            Some(last) => *last = seq,
+            None => {
+                offsets.last.insert(id.to_owned(), seq);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Writes `offsets` into `projector_offsets` (of the copy `search_path` points at).
+pub(crate) async fn flush_offsets(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    offsets: &CopyOffsets,
+) -> Result<(), sqlx::Error> {
+    let mut entries: Vec<(&String, &i64)> = offsets.last.iter().collect();
+    entries.sort_unstable();
+    for chunk in entries.chunks(50_000) {
+        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+        let seqs: Vec<i64> = chunk.iter().map(|(_, seq)| **seq).collect();
+        sqlx::query(
+            "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
+             SELECT $1, 'instance', id, seq FROM unnest($2::text[], $3::bigint[]) AS t(id, seq)
+             ON CONFLICT (projector, aggregate_type, aggregate_id)
+             DO UPDATE SET last_sequence = EXCLUDED.last_sequence",
+        )
+        .bind(model.name())
+        .bind(&ids)
+        .bind(&seqs)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The offsets recorded in `projector_offsets` (of the copy `search_path` points at), for
+/// [`apply_replay`] to go on from after the per-event path wrote them.
+pub(crate) async fn load_offsets(
+    conn: &mut PgConnection,
+    model: ReadModel,
+) -> Result<CopyOffsets, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT aggregate_id, last_sequence FROM projector_offsets
+          WHERE projector = $1 AND aggregate_type = 'instance'",
+    )
+    .bind(model.name())
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(CopyOffsets {
+        last: rows.into_iter().collect(),
+    })
+}
+
 /// The last sequence of each stream after the batch, or `None` when some event of the batch
 /// is not exactly the next one of its stream.
 async fn continuation(
