@@ -127,11 +127,20 @@ async fn concurrent_writers_holding_transactions_open_lose_no_event_and_keep_com
         let previous = last.insert(aggregate.clone(), *sequence).unwrap_or(0);
         assert_eq!(*sequence, previous + 1, "{aggregate} out of order");
     }
-    let (position, published): (i64, i64) =
-        sqlx::query_as("SELECT position, published_total FROM relay_checkpoints")
-            .fetch_one(&bus.pool)
-            .await
-            .unwrap();
+    // The relay records its checkpoint after the broker confirms a batch, which can be after
+    // the tap has received it: wait for the record (bounded), then check it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (position, published) = loop {
+        let (position, published): (i64, i64) =
+            sqlx::query_as("SELECT position, published_total FROM relay_checkpoints")
+                .fetch_one(&bus.pool)
+                .await
+                .unwrap();
+        if published >= total || std::time::Instant::now() > deadline {
+            break (position, published);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(published, total);
     assert!(position > 0);
     bus.finish(vec![relay]).await;
