@@ -42,7 +42,8 @@ pub enum Command {
     Relay,
     /// Run the projectors that build the read models.
     Project {
-        /// Only these read models (default: all).
+        /// Only these projector groups: `agent` (agents), `instance` (instances, timeline,
+        /// agent_stats, usage); default: both.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -269,9 +270,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Project { only } => {
             let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
-            let models = startup::parse_models(&only)?;
+            let groups = startup::parse_groups(&only)?;
             let pool = startup::prepare_database(&settings.database).await?;
-            let workers = startup::Workers::start(&settings, pool, false, &models);
+            let workers = startup::Workers::start(&settings, pool, false, &groups);
             startup::shutdown_signal().await;
             workers.stop().await;
             telemetry.shutdown();
@@ -284,7 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 &settings,
                 app.state.pool.clone(),
                 true,
-                &apex_projections::ReadModel::ALL,
+                &apex_projections::projector::ProjectorGroup::ALL,
             );
             let result = app.run_until(startup::shutdown_signal()).await;
             workers.stop().await;

@@ -8,7 +8,7 @@ use apex_api::AppState;
 use apex_api::auth::{Authenticator, KeyMaterial};
 use apex_commands::{CommandService, RetryPolicy};
 use apex_projections::ReadModel;
-use apex_projections::projector::{self, ProjectorConfig};
+use apex_projections::projector::{self, ProjectorConfig, ProjectorGroup};
 use apex_projections::relay::{self, RelayConfig};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::net::TcpListener;
@@ -131,7 +131,18 @@ impl Application {
     }
 }
 
-/// Parses `--only` read-model names; empty means all.
+/// Parses `--only` projector group names; empty means all.
+pub fn parse_groups(names: &[String]) -> anyhow::Result<Vec<ProjectorGroup>> {
+    if names.is_empty() {
+        return Ok(ProjectorGroup::ALL.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| n.parse::<ProjectorGroup>().map_err(|e| anyhow::anyhow!(e)))
+        .collect()
+}
+
+/// Parses read-model names; empty means all.
 pub fn parse_models(names: &[String]) -> anyhow::Result<Vec<ReadModel>> {
     if names.is_empty() {
         return Ok(ReadModel::ALL.to_vec());
@@ -149,17 +160,22 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts the relay (when `relay`) and a projector per model.
-    pub fn start(settings: &Settings, pool: PgPool, relay: bool, models: &[ReadModel]) -> Self {
-        Self::start_with_prefix(settings, pool, relay, models, "apex.projector")
+    /// Starts the relay (when `relay`) and the projector `groups`.
+    pub fn start(
+        settings: &Settings,
+        pool: PgPool,
+        relay: bool,
+        groups: &[ProjectorGroup],
+    ) -> Self {
+        Self::start_with_prefix(settings, pool, relay, groups, "apex.projector")
     }
 
-    /// Like [`Workers::start`] with projector queues named `<queue_prefix>.<read model>`.
+    /// Like [`Workers::start`] with projector queues named `<queue_prefix>.<group>`.
     pub fn start_with_prefix(
         settings: &Settings,
         pool: PgPool,
         relay: bool,
-        models: &[ReadModel],
+        groups: &[ProjectorGroup],
         queue_prefix: &str,
     ) -> Self {
         let (shutdown, receiver) = watch::channel(false);
@@ -174,12 +190,12 @@ impl Workers {
                 receiver.clone(),
             )));
         }
-        for model in models {
+        for group in groups {
             let mut config = ProjectorConfig::new(amqp.clone());
             config.queue_prefix = queue_prefix.to_owned();
             tasks.push(tokio::spawn(projector::run(
                 pool.clone(),
-                *model,
+                *group,
                 config,
                 receiver.clone(),
             )));

@@ -2,7 +2,7 @@
 //! build the read models from it, and the read models themselves.
 //!
 //! ```text
-//! events (outbox) ──relay──► topic exchange ──► one durable queue per projector ──► rm_* tables
+//! events (outbox) ──relay──► topic exchange ──► one durable queue per projector group ──► rm_* tables
 //! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -20,4 +20,5 @@ pub mod store;
 pub mod trace;
 
 pub use envelope::{CloudEvent, StoredEvent};
+pub use projector::ProjectorGroup;
 pub use read_models::ReadModel;

@@ -1,22 +1,35 @@
-//! The projector runtime: consumes one read model's queue and applies events exactly once.
+//! The projector runtime: a projector group consumes one queue and applies each event exactly
+//! once to every read model of the group.
 //!
-//! * Idempotent: `projector_offsets` holds, per aggregate, the last sequence applied, updated in
-//!   the same transaction as the read model. An event at or below it is acknowledged and skipped.
+//! * Groups: the read models fed by the same aggregate type share one queue and one consumer
+//!   (Axon's processing group): a delivery is received, decoded and acknowledged once, and each
+//!   batch is applied to the group's read models concurrently, each in its own transaction with
+//!   its own offsets, status and dead letters. The batch is acknowledged once every read model
+//!   has it.
+//! * Idempotent: `projector_offsets` holds, per read model and aggregate, the last sequence
+//!   applied, updated in the same transaction as the read model. An event at or below it is
+//!   skipped.
 //! * Gap repair: an event above it + 1 first pulls the missing events from the event store.
-//! * Batching: deliveries already waiting are applied in one transaction, acks are sent with
-//!   `multiple`. If the batch fails, each event is retried on its own.
+//! * Batching: deliveries already waiting are applied in one transaction per read model, acks
+//!   are sent with `multiple`. If a read model's batch fails, each event is retried on its own.
 //! * Failures: transient database errors are retried with backoff, indefinitely (nothing can be
 //!   projected while the database is away). Any other failure is retried a few times, then the
-//!   message is dead-lettered (table `dead_letters` and queue `<queue>.dlq`, with the reason),
-//!   the aggregate's offset moves past it, and the projector carries on.
+//!   message is dead-lettered for that read model (table `dead_letters` and queue
+//!   `<prefix>.<read model>.dlq`, with the reason), the read model's offset moves past it, and
+//!   the projector carries on.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Connection};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -27,12 +40,94 @@ use crate::envelope::{CloudEvent, DomainEvent, StoredEvent};
 use crate::read_models::ReadModel;
 use crate::store;
 
+/// A projector group: the read models fed from one queue by one consumer session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProjectorGroup {
+    /// Agent events: `agents`.
+    Agent,
+    /// Instance events: `instances`, `timeline`, `agent_stats`, `usage`.
+    Instance,
+}
+
+impl ProjectorGroup {
+    /// Every group.
+    pub const ALL: [ProjectorGroup; 2] = [ProjectorGroup::Agent, ProjectorGroup::Instance];
+
+    /// The group's name (queue `<prefix>.<name>`): the aggregate type it consumes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProjectorGroup::Agent => "agent",
+            ProjectorGroup::Instance => "instance",
+        }
+    }
+
+    /// The read models the group maintains.
+    pub fn models(self) -> &'static [ReadModel] {
+        match self {
+            ProjectorGroup::Agent => &[ReadModel::Agents],
+            ProjectorGroup::Instance => &[
+                ReadModel::Instances,
+                ReadModel::Timeline,
+                ReadModel::AgentStats,
+                ReadModel::Usage,
+            ],
+        }
+    }
+
+    /// The group of `model`.
+    pub fn of(model: ReadModel) -> Self {
+        match model {
+            ReadModel::Agents => ProjectorGroup::Agent,
+            _ => ProjectorGroup::Instance,
+        }
+    }
+
+    /// The routing keys the group's queue is bound to. Offsets are per aggregate sequence, so
+    /// a group takes every event of the aggregates it follows (a missing one would be fetched
+    /// from the store as a gap).
+    pub fn routing_keys(self) -> &'static [&'static str] {
+        match self {
+            ProjectorGroup::Agent => &["agent.*"],
+            ProjectorGroup::Instance => &["instance.*"],
+        }
+    }
+}
+
+impl fmt::Display for ProjectorGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ProjectorGroup {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(group) = ProjectorGroup::ALL.into_iter().find(|g| g.name() == s) {
+            return Ok(group);
+        }
+        let names: Vec<_> = ProjectorGroup::ALL.iter().map(|g| g.name()).collect();
+        let hint = match s.parse::<ReadModel>() {
+            Ok(model) => format!(
+                "; read model `{s}` is maintained by projector group `{}`",
+                ProjectorGroup::of(model)
+            ),
+            Err(_) => String::new(),
+        };
+        Err(format!(
+            "unknown projector group `{s}`; expected one of {}{hint}",
+            names.join(", ")
+        ))
+    }
+}
+
 /// Projector settings.
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
     /// Broker and exchange.
     pub amqp: AmqpConfig,
-    /// Queue name prefix; the queue is `<prefix>.<read model>`.
+    /// Queue name prefix; a group's queue is `<prefix>.<group>`, a read model's dead-letter
+    /// queue `<prefix>.<read model>.dlq`.
     pub queue_prefix: String,
     /// Unacknowledged messages the broker may push.
     pub prefetch: u16,
@@ -54,9 +149,33 @@ impl ProjectorConfig {
         }
     }
 
-    /// The queue of `model`.
-    pub fn queue(&self, model: ReadModel) -> String {
+    /// The queue of `group`.
+    pub fn queue(&self, group: ProjectorGroup) -> String {
+        format!("{}.{}", self.queue_prefix, group.name())
+    }
+
+    /// The dead-letter queue of `model`.
+    pub fn dead_letter_queue(&self, model: ReadModel) -> String {
+        format!("{}.{}.dlq", self.queue_prefix, model.name())
+    }
+
+    /// The queue a read model had of its own before the groups (`<prefix>.<read model>`),
+    /// drained and deleted by its group.
+    pub fn legacy_queue(&self, model: ReadModel) -> String {
         format!("{}.{}", self.queue_prefix, model.name())
+    }
+
+    /// Every queue the projectors declare: the groups' and the dead-letter queues.
+    pub fn queues(&self) -> Vec<String> {
+        ProjectorGroup::ALL
+            .into_iter()
+            .map(|g| self.queue(g))
+            .chain(
+                ReadModel::ALL
+                    .into_iter()
+                    .map(|m| self.dead_letter_queue(m)),
+            )
+            .collect()
     }
 }
 
@@ -89,22 +208,26 @@ pub enum Outcome {
     Skipped,
 }
 
-/// Declares the projector's queue (bound to its routing keys) and its dead-letter queue.
+/// Declares the group's queue (bound to its routing keys) and its read models' dead-letter
+/// queues.
 pub async fn declare(
     channel: &Channel,
     config: &ProjectorConfig,
-    model: ReadModel,
+    group: ProjectorGroup,
 ) -> Result<(), BusError> {
     amqp::declare_exchange(channel, &config.amqp.exchange).await?;
-    let queue = config.queue(model);
-    amqp::declare_bound_queue(channel, &config.amqp.exchange, &queue, model.routing_keys()).await?;
-    amqp::declare_queue(channel, &format!("{queue}.dlq")).await
+    let queue = config.queue(group);
+    amqp::declare_bound_queue(channel, &config.amqp.exchange, &queue, group.routing_keys()).await?;
+    for model in group.models() {
+        amqp::declare_queue(channel, &config.dead_letter_queue(*model)).await?;
+    }
+    Ok(())
 }
 
-/// Runs the projector of `model` until `shutdown` turns true, reconnecting after failures.
+/// Runs the projector group until `shutdown` turns true, reconnecting after failures.
 pub async fn run(
     pool: PgPool,
-    model: ReadModel,
+    group: ProjectorGroup,
     config: ProjectorConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -112,14 +235,14 @@ pub async fn run(
     let mut backoff = Backoff::new(initial, Duration::from_secs(10));
     while !*shutdown.borrow() {
         let started = std::time::Instant::now();
-        match session(&pool, model, &config, &mut shutdown).await {
+        match session(&pool, group, &config, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff.reset(initial);
                 }
                 let delay = backoff.next_delay();
-                tracing::error!(projector = model.name(), error = %e, retry_in = ?delay, "projector session failed");
+                tracing::error!(projector = group.name(), error = %e, retry_in = ?delay, "projector session failed");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {},
                     _ = shutdown.changed() => {},
@@ -131,42 +254,47 @@ pub async fn run(
 
 async fn session(
     pool: &PgPool,
-    model: ReadModel,
+    group: ProjectorGroup,
     config: &ProjectorConfig,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
-    sqlx::query("INSERT INTO projector_status (projector) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(model.name())
-        .execute(pool)
-        .await?;
+    for model in group.models() {
+        sqlx::query("INSERT INTO projector_status (projector) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(model.name())
+            .execute(pool)
+            .await?;
+    }
     let connection =
-        amqp::connect(&config.amqp, &format!("apex-projector-{}", model.name())).await?;
+        amqp::connect(&config.amqp, &format!("apex-projector-{}", group.name())).await?;
     let channel = connection.create_channel().await?;
-    declare(&channel, config, model).await?;
+    declare(&channel, config, group).await?;
     channel
         .basic_qos(config.prefetch, BasicQosOptions::default())
         .await?;
     let dlq_channel = amqp::confirm_channel(&connection).await?;
-    // The timeline projector also announces committed entries to the chat exchange.
-    let chat_channel = if model == ReadModel::Timeline {
+    // The timeline announces committed entries to the chat exchange.
+    let chat_channel = if group.models().contains(&ReadModel::Timeline) {
         let channel = amqp::confirm_channel(&connection).await?;
         amqp::declare_exchange(&channel, &config.amqp.chat_exchange).await?;
         Some(channel)
     } else {
         None
     };
-    let queue = config.queue(model);
+    for model in group.models() {
+        drain_legacy(pool, *model, config, &connection, &dlq_channel).await?;
+    }
+    let queue = config.queue(group);
     let mut consumer = channel
         .basic_consume(
             queue.as_str().into(),
-            format!("apex-{}-{}", model.name(), uuid::Uuid::new_v4().simple())
+            format!("apex-{}-{}", group.name(), uuid::Uuid::new_v4().simple())
                 .as_str()
                 .into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    tracing::info!(projector = model.name(), queue, "projector consuming");
+    tracing::info!(projector = group.name(), queue, "projector consuming");
     let result = loop {
         let first = tokio::select! {
             next = consumer.next() => next,
@@ -175,16 +303,30 @@ async fn session(
         let Some(first) = first else {
             break Err(BusError::ConsumerClosed.into());
         };
+        // The batch is what has already arrived: no lingering for more, which would hold
+        // the first event back (under load, deliveries pile up while a batch is applied).
         let mut batch = vec![first?];
         while batch.len() < config.batch_size {
-            match tokio::time::timeout(Duration::from_millis(1), consumer.next()).await {
-                Ok(Some(delivery)) => batch.push(delivery?),
-                Ok(None) | Err(_) => break,
+            match consumer.next().now_or_never() {
+                Some(Some(delivery)) => batch.push(delivery?),
+                Some(None) | None => break,
             }
         }
-        let applied = process(pool, model, config, &dlq_channel, &batch).await?;
-        if let Some(chat_channel) = &chat_channel {
-            announce(pool, chat_channel, &config.amqp.chat_exchange, applied).await?;
+        let decoded: Vec<_> = batch.iter().map(|d| (d, decode(&d.data))).collect();
+        let results = futures::future::join_all(
+            group
+                .models()
+                .iter()
+                .map(|model| process(pool, *model, config, &dlq_channel, &decoded)),
+        )
+        .await;
+        for (model, result) in group.models().iter().zip(results) {
+            let applied = result?;
+            if *model == ReadModel::Timeline
+                && let Some(chat_channel) = &chat_channel
+            {
+                announce(pool, chat_channel, &config.amqp.chat_exchange, applied).await?;
+            }
         }
         if let Some(last) = batch.last() {
             last.ack(BasicAckOptions { multiple: true }).await?;
@@ -194,11 +336,75 @@ async fn session(
     result
 }
 
+/// Moves what is left in `model`'s queue from before the groups into its read model, then
+/// deletes that queue: it is unbound first, so nothing new arrives in it (a replica of the
+/// previous version that reconnects declares and binds it again; the next session start of a
+/// group drains it again). Events it held that
+/// the group's queue also carries are skipped by the offsets, whichever comes first.
+async fn drain_legacy(
+    pool: &PgPool,
+    model: ReadModel,
+    config: &ProjectorConfig,
+    connection: &Connection,
+    dlq: &Channel,
+) -> Result<(), ProjectorError> {
+    let queue = config.legacy_queue(model);
+    // Declared as it was (durable, no arguments) rather than probed: a passive declare of a
+    // missing queue is a channel error. A queue that did not exist is created empty here and
+    // deleted below.
+    let channel = connection.create_channel().await?;
+    amqp::declare_queue(&channel, &queue).await?;
+    let group = ProjectorGroup::of(model);
+    for key in group.routing_keys() {
+        channel
+            .queue_unbind(
+                queue.as_str().into(),
+                config.amqp.exchange.as_str().into(),
+                (*key).into(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let mut drained = 0_u64;
+    while let Some(message) = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions::default())
+        .await?
+    {
+        let delivery = &message.delivery;
+        let decoded = [(delivery, decode(&delivery.data))];
+        process(pool, model, config, dlq, &decoded).await?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        drained += 1;
+    }
+    channel
+        .queue_delete(
+            queue.as_str().into(),
+            QueueDeleteOptions {
+                if_empty: true,
+                ..QueueDeleteOptions::default()
+            },
+        )
+        .await?;
+    if drained > 0 {
+        tracing::info!(
+            projector = model.name(),
+            queue,
+            drained,
+            "drained and deleted the read model's queue from before the projector groups"
+        );
+    }
+    let _ = channel.close(200, "legacy queue drained".into()).await;
+    Ok(())
+}
+
 /// A delivery decoded, or why it cannot be.
 struct Decoded {
     stored: StoredEvent,
     event: DomainEvent,
 }
+
+/// A delivery and its decoding (or why it has none).
+type Decoding<'a> = (&'a Delivery, Result<Decoded, String>);
 
 /// What a processed batch announces to the chat exchange.
 enum Applied {
@@ -237,20 +443,21 @@ fn covered(stored: &StoredEvent, outcome: Outcome) -> Option<(uuid::Uuid, i64, i
     })
 }
 
-/// Applies a batch of deliveries (all of them are acknowledged by the caller afterwards).
-/// Returns what it applied or found already applied (for the chat announcement).
+/// Applies a batch of deliveries to one read model (all of them are acknowledged by the
+/// caller afterwards). Returns what it applied or found already applied (for the chat
+/// announcement).
 async fn process(
     pool: &PgPool,
     model: ReadModel,
     config: &ProjectorConfig,
     dlq: &Channel,
-    batch: &[Delivery],
+    batch: &[Decoding<'_>],
 ) -> Result<Applied, ProjectorError> {
     let mut decoded = Vec::with_capacity(batch.len());
-    for delivery in batch {
-        match decode(&delivery.data) {
-            Ok(d) => decoded.push((delivery, d)),
-            Err(reason) => dead_letter(pool, model, config, dlq, delivery, None, &reason).await?,
+    for (delivery, d) in batch {
+        match d {
+            Ok(d) => decoded.push((*delivery, d)),
+            Err(reason) => dead_letter(pool, model, config, dlq, delivery, None, reason).await?,
         }
     }
     if decoded.is_empty() {
@@ -283,7 +490,7 @@ async fn process(
     }
     let mut applied = Vec::with_capacity(decoded.len());
     for (delivery, d) in decoded {
-        if let Some(outcome) = apply_with_retry(pool, model, config, dlq, delivery, &d).await? {
+        if let Some(outcome) = apply_with_retry(pool, model, config, dlq, delivery, d).await? {
             applied.extend(covered(&d.stored, outcome));
         }
     }
@@ -297,7 +504,7 @@ async fn process(
 async fn apply_set_based(
     conn: &mut PgConnection,
     model: ReadModel,
-    decoded: &[(&Delivery, Decoded)],
+    decoded: &[(&Delivery, &Decoded)],
 ) -> Result<Option<Vec<ChatUpdate>>, sqlx::Error> {
     if model == ReadModel::Agents || decoded.len() < 2 {
         return Ok(None);
@@ -614,7 +821,7 @@ async fn dead_letter(
         ShortString::from("x-apex-routing-key"),
         AMQPValue::LongString(delivery.routing_key.as_str().into()),
     );
-    let queue = format!("{}.dlq", config.queue(model));
+    let queue = config.dead_letter_queue(model);
     let confirm = dlq
         .basic_publish(
             "".into(),

@@ -13,6 +13,8 @@
 
 use std::time::Duration;
 
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -23,8 +25,7 @@ use tracing::Instrument;
 
 use crate::amqp::{self, AmqpConfig, Backoff, BusError};
 use crate::envelope::{CONTENT_TYPE, StoredEvent};
-use crate::projector::{self, ProjectorConfig};
-use crate::read_models::ReadModel;
+use crate::projector::{self, ProjectorConfig, ProjectorGroup};
 use crate::store;
 
 /// Advisory lock key held by the active relay.
@@ -124,6 +125,11 @@ async fn session(
         }
     }
     tracing::info!("relay lock acquired; publishing");
+    // A checkpoint lost in a database crash only republishes what it covered, which the
+    // consumers skip: its commit need not wait for the WAL flush.
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut lock_conn)
+        .await?;
     sqlx::query("INSERT INTO relay_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(&config.name)
         .execute(&mut lock_conn)
@@ -137,8 +143,8 @@ async fn session(
     amqp::declare_exchange(&channel, &config.amqp.exchange).await?;
     let mut projectors = ProjectorConfig::new(config.amqp.clone());
     projectors.queue_prefix = config.projector_queue_prefix.clone();
-    for model in ReadModel::ALL {
-        projector::declare(&channel, &projectors, model).await?;
+    for group in ProjectorGroup::ALL {
+        projector::declare(&channel, &projectors, group).await?;
     }
 
     let result = publish_loop(
@@ -169,55 +175,97 @@ async fn publish_loop(
     .bind(&config.name)
     .fetch_one(&mut *lock_conn)
     .await?;
-    let mut batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
+    // Batches sent and not yet confirmed, oldest first: `(transaction_id, position, count)` of
+    // each, resolved when every message of it is confirmed. The next batch is read and sent
+    // as soon as the store has it, not when the broker has confirmed the previous one; the
+    // checkpoint only ever moves over a confirmed prefix.
+    let mut in_flight = FuturesOrdered::new();
+    // Whether the store may have more to send now (at start, after a notification, a full
+    // batch, a poll or a horizon retry).
+    let mut read_now = true;
+    // Committed events above the snapshot horizon wait for an older transaction to finish:
+    // read again after this delay (doubling up to the poll interval) rather than only on the
+    // next notification.
+    let mut horizon_retry: Option<Duration> = None;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        if let Some(last) = batch.last() {
-            let confirms = send_batch(channel, &config.amqp.exchange, &batch).await?;
-            (xid, position) = (last.transaction_id, last.position);
+        if read_now && in_flight.len() < MAX_BATCHES_IN_FLIGHT {
+            let batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
             let full = batch.len() as i64 == config.batch_size;
-            // While the broker persists and confirms this batch, read the next one. It starts
-            // after this batch whatever happens: if a confirm fails, the session ends and the
-            // next session starts over from the stored checkpoint.
-            let (confirmed, next) = tokio::join!(await_confirms(confirms), async {
-                if full {
-                    Some(store::after_checkpoint(pool, xid, position, config.batch_size).await)
+            if let Some(last) = batch.last() {
+                let confirms = send_batch(channel, &config.amqp.exchange, &batch).await?;
+                (xid, position) = (last.transaction_id, last.position);
+                let (sent_xid, sent_position, count) = (xid, position, batch.len());
+                in_flight.push_back(async move {
+                    await_confirms(confirms)
+                        .await
+                        .map(|()| (sent_xid, sent_position, count))
+                });
+            }
+            read_now = full;
+            if !full {
+                horizon_retry = if store::held_back_after(pool, xid, position).await? {
+                    let next = horizon_retry.map_or(HORIZON_RETRY, |d| d * 2);
+                    Some(next.min(config.poll_interval))
                 } else {
                     None
+                };
+            }
+            if read_now {
+                // Take the confirms that are already in before reading on.
+                while let Some(Some(done)) = in_flight.next().now_or_never() {
+                    checkpoint(lock_conn, config, done?).await?;
                 }
-            });
-            confirmed?;
-            // Written on the lock connection: if the lock was lost with its connection, this
-            // fails and the session ends instead of racing the new holder.
-            sqlx::query(
-                "UPDATE relay_checkpoints
-                    SET transaction_id = $2::text::xid8, position = $3,
-                        published_total = published_total + $4, updated_at = now()
-                  WHERE name = $1",
-            )
-            .bind(&config.name)
-            .bind(xid.to_string())
-            .bind(position)
-            .bind(batch.len() as i64)
-            .execute(&mut *lock_conn)
-            .await?;
-            tracing::debug!(count = batch.len(), position, "published batch");
-            metrics::counter!("apex_relay_published_total").increment(batch.len() as u64);
-            metrics::counter!("apex_relay_batches_total").increment(1);
-            if let Some(next) = next {
-                batch = next?;
                 continue;
             }
         }
+        let wait = horizon_retry.unwrap_or(config.poll_interval);
         tokio::select! {
-            notification = listener.recv() => { notification?; },
-            () = tokio::time::sleep(config.poll_interval) => {},
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                checkpoint(lock_conn, config, done?).await?;
+            }
+            notification = listener.recv(), if !read_now => {
+                notification?;
+                read_now = true;
+            }
+            () = tokio::time::sleep(wait), if !read_now => read_now = true,
             _ = shutdown.changed() => {},
         }
-        batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
     }
+}
+
+/// Most batches sent and not yet confirmed.
+const MAX_BATCHES_IN_FLIGHT: usize = 8;
+
+/// First re-read after finding committed events held back by the snapshot horizon.
+const HORIZON_RETRY: Duration = Duration::from_millis(2);
+
+/// Records a confirmed batch: moves the checkpoint over it. Written on the lock connection: if
+/// the lock was lost with its connection, this fails and the session ends instead of racing
+/// the new holder.
+async fn checkpoint(
+    lock_conn: &mut PgConnection,
+    config: &RelayConfig,
+    (xid, position, count): (i64, i64, usize),
+) -> Result<(), RelayError> {
+    sqlx::query(
+        "UPDATE relay_checkpoints
+            SET transaction_id = $2::text::xid8, position = $3,
+                published_total = published_total + $4, updated_at = now()
+          WHERE name = $1",
+    )
+    .bind(&config.name)
+    .bind(xid.to_string())
+    .bind(position)
+    .bind(count as i64)
+    .execute(&mut *lock_conn)
+    .await?;
+    tracing::debug!(count, position, "published batch");
+    metrics::counter!("apex_relay_published_total").increment(count as u64);
+    metrics::counter!("apex_relay_batches_total").increment(1);
+    Ok(())
 }
 
 /// Publishes `batch` pipelined and waits for every confirm.

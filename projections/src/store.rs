@@ -74,6 +74,25 @@ pub async fn after_checkpoint<'e>(
     read_after(executor, transaction_id, position, limit, true).await
 }
 
+/// Whether committed events after the checkpoint are held back by the snapshot horizon (an
+/// older transaction, anywhere in the cluster, is still running), so that
+/// [`after_checkpoint`] will return them once it ends.
+pub async fn held_back_after<'e>(
+    executor: impl PgExecutor<'e>,
+    transaction_id: i64,
+    position: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events
+                         WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                           AND transaction_id >= pg_snapshot_xmin(pg_current_snapshot()))",
+    )
+    .bind(transaction_id.to_string())
+    .bind(position)
+    .fetch_one(executor)
+    .await
+}
+
 /// Up to `limit` events after the checkpoint in `(transaction_id, position)` order, without
 /// the snapshot horizon: only for a quiescent store (replays in checks and tests), where every
 /// transaction has finished and a concurrent one elsewhere in the cluster must not hide events.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use apex_domain::{ActorRole, Tier};
-use apex_projections::ReadModel;
+use apex_projections::ProjectorGroup;
 use futures::StreamExt;
 use futures::stream;
 use serde_json::json;
@@ -59,7 +59,7 @@ async fn drive(
     baseline: usize,
     per_second: f64,
 ) -> anyhow::Result<Vec<Row>> {
-    stack.workers(true, &ReadModel::ALL);
+    stack.workers(true, &ProjectorGroup::ALL);
     let api = Api::new(&replica.url)?;
     let admin = stack.token("bench-admin", ActorRole::Admin, None)?;
     let runner = stack.token("bench-runner", ActorRole::Runner, None)?;

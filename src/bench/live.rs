@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apex_domain::{ActorRole, Tier};
-use apex_projections::ReadModel;
+use apex_projections::ProjectorGroup;
 use serde_json::json;
 
 use super::client::{self, Api, Command, Inbox, thought};
@@ -43,7 +43,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
     .await?;
 
     let app = stack.app().await?;
-    stack.workers(true, &ReadModel::ALL);
+    stack.workers(true, &ProjectorGroup::ALL);
     let api = Api::new(&app.url)?;
     let admin = stack.token("bench-admin", ActorRole::Admin, None)?;
     let runner = stack.token("bench-runner", ActorRole::Runner, None)?;

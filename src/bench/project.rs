@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use apex_projections::ProjectorGroup;
 use apex_projections::ReadModel;
 use apex_projections::amqp;
 use apex_projections::projector;
@@ -55,10 +56,10 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
 
     let connection = amqp::connect(&stack.amqp(), "apex-bench-stream").await?;
     let channel = amqp::confirm_channel(&connection).await?;
-    for model in ReadModel::ALL {
-        projector::declare(&channel, &projectors, model).await?;
+    for group in ProjectorGroup::ALL {
+        projector::declare(&channel, &projectors, group).await?;
     }
-    stack.workers(false, &ReadModel::ALL);
+    stack.workers(false, &ProjectorGroup::ALL);
     // Every projector has a session (its status row) before the stream starts.
     let ready = Instant::now();
     loop {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use apex_projections::ReadModel;
+use apex_projections::ProjectorGroup;
 use apex_projections::amqp;
 use apex_projections::projector;
 use apex_projections::relay::{self, RelayConfig};
@@ -36,8 +36,8 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
     let connection = amqp::connect(&stack.amqp(), "apex-bench-relay-ceiling").await?;
     let channel = amqp::confirm_channel(&connection).await?;
     let projectors = stack.projector_config();
-    for model in ReadModel::ALL {
-        projector::declare(&channel, &projectors, model).await?;
+    for group in ProjectorGroup::ALL {
+        projector::declare(&channel, &projectors, group).await?;
     }
     let ceiling =
         ceilings::pipelined_publish(&channel, &stack.settings.amqp.exchange, &messages, 8192)

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use apex_api::AppState;
 use apex_domain::{ActorRole, Tier};
-use apex_projections::ReadModel;
+use apex_projections::ProjectorGroup;
 use apex_projections::amqp::{self, AmqpConfig};
 use apex_projections::projector::ProjectorConfig;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions};
@@ -104,8 +104,8 @@ impl Stack {
         })
     }
 
-    /// Starts the relay (when `relay`) and the projectors of `models`.
-    pub(crate) fn workers(&mut self, relay: bool, models: &[ReadModel]) {
+    /// Starts the relay (when `relay`) and the projector `groups`.
+    pub(crate) fn workers(&mut self, relay: bool, groups: &[ProjectorGroup]) {
         let pool = apex_commands::connect(
             self.settings.database.options(),
             self.settings.database.max_connections,
@@ -114,7 +114,7 @@ impl Stack {
             &self.settings,
             pool,
             relay,
-            models,
+            groups,
             &self.queue_prefix,
         ));
     }
@@ -155,13 +155,10 @@ impl Stack {
         let connection = amqp::connect(&self.amqp(), "apex-bench-purge").await?;
         let channel = connection.create_channel().await?;
         let config = self.projector_config();
-        for model in ReadModel::ALL {
+        for queue in config.queues() {
             // A queue that does not exist closes the channel; purge what exists.
             let _ = channel
-                .queue_purge(
-                    config.queue(model).as_str().into(),
-                    QueuePurgeOptions::default(),
-                )
+                .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
                 .await;
         }
         let _ = connection.close(200, "purged".into()).await;
@@ -193,15 +190,13 @@ impl Stack {
     async fn delete_broker_objects(&self) -> anyhow::Result<()> {
         let connection = amqp::connect(&self.amqp(), "apex-bench-teardown").await?;
         let config = self.projector_config();
-        for model in ReadModel::ALL {
-            for queue in [config.queue(model), format!("{}.dlq", config.queue(model))] {
-                // Each delete on its own channel: deleting a missing queue is fine in
-                // RabbitMQ, but a failure must not stop the rest.
-                let channel = connection.create_channel().await?;
-                let _ = channel
-                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
+        for queue in config.queues() {
+            // Each delete on its own channel: deleting a missing queue is fine in RabbitMQ,
+            // but a failure must not stop the rest.
+            let channel = connection.create_channel().await?;
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
         for exchange in [
             &self.settings.amqp.exchange,

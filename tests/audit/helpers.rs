@@ -12,6 +12,7 @@ use apex_domain::agent::{AgentAction, AgentCommand, AgentDefinition};
 use apex_domain::instance::InstanceAction;
 use apex_domain::{Actor, ActorRole, AgentId, Tier};
 use apex_projections::ReadModel;
+use apex_projections::projector::ProjectorConfig;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use serde_json::json;
 use sqlx::PgPool;
@@ -62,7 +63,7 @@ pub async fn stack() -> Stack {
         &settings,
         pool.clone(),
         true,
-        &ReadModel::ALL,
+        &apex_projections::ProjectorGroup::ALL,
         &queue_prefix,
     );
     Stack {
@@ -243,13 +244,12 @@ impl Stack {
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
-        for model in ReadModel::ALL {
-            let queue = format!("{}.{}", self.queue_prefix, model.name());
-            for name in [queue.clone(), format!("{queue}.dlq")] {
-                let _ = channel
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
+        let mut projectors = ProjectorConfig::new(amqp.clone());
+        projectors.queue_prefix = self.queue_prefix.clone();
+        for name in projectors.queues() {
+            let _ = channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
         for exchange in [&amqp.exchange, &amqp.chat_exchange] {
             let _ = channel

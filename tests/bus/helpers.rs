@@ -10,10 +10,10 @@ use apex_commands::{CommandContext, CommandService, RetryPolicy};
 use apex_domain::agent::{AgentAction, AgentCommand, AgentDefinition};
 use apex_domain::instance::InstanceAction;
 use apex_domain::{Actor, ActorRole, AgentId, Tier};
-use apex_projections::ReadModel;
 use apex_projections::amqp::{self, AmqpConfig};
 use apex_projections::projector::{self, ProjectorConfig};
 use apex_projections::relay::{self, RelayConfig};
+use apex_projections::{ProjectorGroup, ReadModel};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
@@ -102,21 +102,21 @@ impl Bus {
     /// Declares every projector queue, so nothing published is lost before they consume.
     pub async fn declare_projectors(&self) {
         let channel = self.connection.create_channel().await.unwrap();
-        for model in ReadModel::ALL {
-            projector::declare(&channel, &self.projector_config(), model)
+        for group in ProjectorGroup::ALL {
+            projector::declare(&channel, &self.projector_config(), group)
                 .await
                 .unwrap();
         }
     }
 
-    /// Starts one task per projector.
+    /// Starts one task per projector group.
     pub fn spawn_projectors(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        ReadModel::ALL
+        ProjectorGroup::ALL
             .into_iter()
-            .map(|m| {
+            .map(|g| {
                 tokio::spawn(projector::run(
                     self.pool.clone(),
-                    m,
+                    g,
                     self.projector_config(),
                     self.shutdown.subscribe(),
                 ))
@@ -282,16 +282,9 @@ impl Bus {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
         let channel = self.connection.create_channel().await.unwrap();
-        for model in ReadModel::ALL {
-            let queue = self.projector_config().queue(model);
+        for queue in self.projector_config().queues() {
             let _ = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-            let _ = channel
-                .queue_delete(
-                    format!("{queue}.dlq").as_str().into(),
-                    QueueDeleteOptions::default(),
-                )
                 .await;
         }
         let taps = self.taps.lock().unwrap().clone();

@@ -3,35 +3,50 @@
 
 use std::time::Duration;
 
-use apex_projections::ReadModel;
+use apex_projections::{ProjectorGroup, ReadModel};
 use futures::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::helpers::{Bus, bus};
 
 /// Publishes the stored events of `aggregate` with the given sequences, in that order, straight
-/// into `model`'s queue.
-async fn inject(bus: &Bus, model: ReadModel, aggregate: &str, sequences: &[i64]) {
+/// into `group`'s queue.
+async fn inject(bus: &Bus, group: ProjectorGroup, aggregate: &str, sequences: &[i64]) {
+    inject_into(
+        bus,
+        &bus.projector_config().queue(group),
+        group,
+        aggregate,
+        sequences,
+    )
+    .await;
+}
+
+/// Publishes the stored events of `aggregate` with the given sequences, in that order, straight
+/// into `queue`.
+async fn inject_into(
+    bus: &Bus,
+    queue: &str,
+    group: ProjectorGroup,
+    aggregate: &str,
+    sequences: &[i64],
+) {
     let channel = apex_projections::amqp::confirm_channel(&bus.connection)
         .await
         .unwrap();
-    let queue = bus.projector_config().queue(model);
     let mut conn = bus.pool.acquire().await.unwrap();
-    let events = apex_projections::store::aggregate_range(
-        &mut conn,
-        model.aggregate_type(),
-        aggregate,
-        1,
-        1000,
-    )
-    .await
-    .unwrap();
+    let events =
+        apex_projections::store::aggregate_range(&mut conn, group.name(), aggregate, 1, 1000)
+            .await
+            .unwrap();
     for s in sequences {
         let event = &events[(*s - 1) as usize];
         let (_, body, properties) = apex_projections::relay::encode(event).unwrap();
-        publish(&channel, &queue, &body, properties).await;
+        publish(&channel, queue, &body, properties).await;
     }
 }
 
@@ -58,14 +73,13 @@ async fn duplicate_and_out_of_order_deliveries_leave_the_read_models_exact() {
     bus.agent("triage", &["search"]).await;
     let id = bus.run("user-1", "triage").await;
     bus.think(&id, 4).await; // sequences 1..=6
-    for model in [
-        ReadModel::Instances,
-        ReadModel::Timeline,
-        ReadModel::AgentStats,
-        ReadModel::Usage,
-    ] {
-        inject(&bus, model, &id, &[1, 2, 2, 4, 3, 6, 5, 1, 6]).await;
-    }
+    inject(
+        &bus,
+        ProjectorGroup::Instance,
+        &id,
+        &[1, 2, 2, 4, 3, 6, 5, 1, 6],
+    )
+    .await;
     let mut conn = bus.pool.acquire().await.unwrap();
     let agent_events =
         apex_projections::store::aggregate_range(&mut conn, "agent", "triage", 1, 10)
@@ -73,7 +87,7 @@ async fn duplicate_and_out_of_order_deliveries_leave_the_read_models_exact() {
             .unwrap();
     drop(conn);
     assert_eq!(agent_events.len(), 2);
-    inject(&bus, ReadModel::Agents, "triage", &[2, 1, 2]).await;
+    inject(&bus, ProjectorGroup::Agent, "triage", &[2, 1, 2]).await;
 
     let tasks = bus.spawn_projectors();
     bus.wait_projected(Duration::from_secs(20)).await;
@@ -110,16 +124,9 @@ async fn runs_of_one_user_delivered_in_reverse_order_project_as_a_replay_does() 
     bus.think(&second, 1).await;
     // The later run reaches the projectors before the earlier one: nothing orders deliveries
     // across aggregates, and the usage totals must not depend on it.
-    for model in [
-        ReadModel::Instances,
-        ReadModel::Timeline,
-        ReadModel::AgentStats,
-        ReadModel::Usage,
-    ] {
-        inject(&bus, model, &second, &[1, 2, 3]).await;
-        inject(&bus, model, &first, &[1, 2]).await;
-    }
-    inject(&bus, ReadModel::Agents, "triage", &[1, 2]).await;
+    inject(&bus, ProjectorGroup::Instance, &second, &[1, 2, 3]).await;
+    inject(&bus, ProjectorGroup::Instance, &first, &[1, 2]).await;
+    inject(&bus, ProjectorGroup::Agent, "triage", &[1, 2]).await;
     let tasks = bus.spawn_projectors();
     bus.wait_projected(Duration::from_secs(20)).await;
     assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
@@ -183,7 +190,7 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
     let channel = apex_projections::amqp::confirm_channel(&bus.connection)
         .await
         .unwrap();
-    let queue = bus.projector_config().queue(ReadModel::Timeline);
+    let queue = bus.projector_config().queue(ProjectorGroup::Instance);
     publish(
         &channel,
         &queue,
@@ -205,7 +212,7 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
         BasicProperties::default(),
     )
     .await;
-    inject(&bus, ReadModel::Timeline, &id, &[1, 2]).await;
+    inject(&bus, ProjectorGroup::Instance, &id, &[1, 2]).await;
 
     let tasks = bus.spawn_projectors();
     for _ in 0..200 {
@@ -235,10 +242,30 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
     assert!(reasons[0].contains("not a CloudEvent"), "{reasons:?}");
     assert!(reasons[1].contains("unknown event type"), "{reasons:?}");
 
+    // Every read model of the group parked both messages, each for itself.
+    let per_model: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT projector, count(*) FROM dead_letters GROUP BY projector ORDER BY projector",
+    )
+    .fetch_all(&bus.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        per_model,
+        vec![
+            ("agent_stats".to_owned(), 2),
+            ("instances".to_owned(), 2),
+            ("timeline".to_owned(), 2),
+            ("usage".to_owned(), 2)
+        ]
+    );
+
     let dlq_channel = bus.connection.create_channel().await.unwrap();
     let mut consumer = dlq_channel
         .basic_consume(
-            format!("{queue}.dlq").as_str().into(),
+            bus.projector_config()
+                .dead_letter_queue(ReadModel::Timeline)
+                .as_str()
+                .into(),
             "dlq-reader".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -263,5 +290,63 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
     assert_eq!(dead[0].0, "this is not json");
     assert!(dead[0].1.contains("not a CloudEvent"));
     assert!(dead[1].1.contains("unknown event type"));
+    bus.finish(tasks).await;
+}
+
+#[tokio::test]
+async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_deleted() {
+    let bus = bus().await;
+    bus.agent("triage", &["search"]).await;
+    let id = bus.run("user-1", "triage").await;
+    bus.think(&id, 2).await; // sequences 1..=4
+    // The topology before the groups: the timeline's own queue, bound to instance events and
+    // still holding some.
+    let legacy = bus.projector_config().legacy_queue(ReadModel::Timeline);
+    let channel = bus.connection.create_channel().await.unwrap();
+    apex_projections::amqp::declare_exchange(&channel, &bus.amqp.exchange)
+        .await
+        .unwrap();
+    apex_projections::amqp::declare_bound_queue(
+        &channel,
+        &bus.amqp.exchange,
+        &legacy,
+        &["instance.*"],
+    )
+    .await
+    .unwrap();
+    inject_into(&bus, &legacy, ProjectorGroup::Instance, &id, &[1, 2, 3, 4]).await;
+
+    let tasks = bus.spawn_projectors();
+    let mut timeline: Vec<i64> = Vec::new();
+    for _ in 0..200 {
+        timeline = sqlx::query_scalar("SELECT sequence FROM rm_timeline ORDER BY sequence")
+            .fetch_all(&bus.pool)
+            .await
+            .unwrap();
+        if timeline.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(timeline, vec![1, 2, 3, 4]);
+    // The old queue fed only its own read model.
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_instances")
+        .fetch_one(&bus.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+    // And it is gone: a passive declare of it fails.
+    let probe = bus.connection.create_channel().await.unwrap();
+    let declared = probe
+        .queue_declare(
+            legacy.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(declared.is_err(), "the old queue still exists");
     bus.finish(tasks).await;
 }

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use apex::config::Settings;
 use apex::startup::{self, Application, Workers};
 use apex_domain::{ActorRole, Tier};
-use apex_projections::ReadModel;
 use reqwest::Client;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -52,7 +51,7 @@ pub async fn start() -> Stack {
         &settings,
         pool,
         true,
-        &ReadModel::ALL,
+        &apex_projections::ProjectorGroup::ALL,
         &format!("{}.projector", settings.amqp.exchange),
     );
     Stack {

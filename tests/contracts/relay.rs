@@ -7,7 +7,6 @@ use std::time::Duration;
 use apex_domain::ActorRole;
 use apex_domain::agent::{AgentAction, AgentPatch};
 use apex_domain::instance::InstanceAction;
-use apex_projections::ReadModel;
 use apex_projections::amqp;
 use apex_projections::projector::ProjectorConfig;
 use apex_projections::relay::{self, RelayConfig};
@@ -221,10 +220,7 @@ async fn messages_the_relay_publishes_match_the_envelope_and_their_dataschema() 
         ..ProjectorConfig::new(amqp_config)
     };
     let mut queues = vec![tap];
-    for model in ReadModel::ALL {
-        queues.push(format!("{}.dlq", projectors.queue(model)));
-        queues.push(projectors.queue(model));
-    }
+    queues.extend(projectors.queues());
     for queue in queues {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

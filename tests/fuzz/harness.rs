@@ -54,7 +54,7 @@ pub async fn spawn(configure: impl FnOnce(&mut Settings), workers: bool) -> Fuzz
             &settings,
             state.pool.clone(),
             true,
-            &ReadModel::ALL,
+            &apex_projections::ProjectorGroup::ALL,
             &format!("apex.test.{id}.projector"),
         )
     });

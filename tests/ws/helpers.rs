@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use apex::config::Settings;
 use apex::startup::{self, Application, Workers};
 use apex_domain::{ActorRole, Tier};
-use apex_projections::ReadModel;
 use futures::{SinkExt, StreamExt};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
@@ -66,7 +65,7 @@ pub async fn stack(replicas: usize) -> Stack {
         &settings,
         pool.clone(),
         true,
-        &ReadModel::ALL,
+        &apex_projections::ProjectorGroup::ALL,
         &format!("{}.projector", settings.amqp.exchange),
     );
     Stack {

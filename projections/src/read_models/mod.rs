@@ -1,7 +1,7 @@
 //! The read models and how each event changes them.
 //!
-//! Each read model is fed by its own projector (own queue, own offsets). `apply` runs inside
-//! the projector's transaction, together with the offset bookkeeping, so an event is applied
+//! Each read model is fed by the projector group of its aggregate type (one queue per group,
+//! offsets per read model). `apply` runs inside the read model's transaction, together with the offset bookkeeping, so an event is applied
 //! to a read model exactly once or not at all.
 
 mod agent_stats;
@@ -44,7 +44,8 @@ impl ReadModel {
         ReadModel::Usage,
     ];
 
-    /// The projector's name (queue `apex.projector.<name>`).
+    /// The read model's name (its rows in `projector_status`, `projector_offsets` and
+    /// `dead_letters`, its dead-letter queue `apex.projector.<name>.dlq`).
     pub fn name(self) -> &'static str {
         match self {
             ReadModel::Agents => "agents",
@@ -52,16 +53,6 @@ impl ReadModel {
             ReadModel::Timeline => "timeline",
             ReadModel::AgentStats => "agent_stats",
             ReadModel::Usage => "usage",
-        }
-    }
-
-    /// The routing keys the projector's queue is bound to.
-    pub fn routing_keys(self) -> &'static [&'static str] {
-        match self {
-            ReadModel::Agents => &["agent.*"],
-            // Offsets are per aggregate sequence, so a projector takes every event of the
-            // aggregates it follows (a missing one would be fetched from the store as a gap).
-            _ => &["instance.*"],
         }
     }
 
