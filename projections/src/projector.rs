@@ -612,12 +612,13 @@ async fn begin(
     pool: &PgPool,
     model: ReadModel,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-        .bind(model_lock_key(model))
-        .execute(&mut *tx)
-        .await?;
-    Ok(tx)
+    // One round trip: the lock is taken by the statement that begins the transaction (the key
+    // is a constant of the read model).
+    pool.begin_with(format!(
+        "BEGIN; SELECT pg_advisory_xact_lock_shared({})",
+        model_lock_key(model)
+    ))
+    .await
 }
 
 /// Applies one event with its bookkeeping, inside the caller's transaction, in a span that

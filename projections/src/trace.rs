@@ -15,6 +15,10 @@ pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
     let Some(traceparent) = traceparent else {
         return;
     };
+    if span.is_disabled() {
+        // Filtered out: nothing to link, and parsing the header would be wasted per event.
+        return;
+    }
     let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     let parent = TraceContextPropagator::new().extract(&carrier);
     if !parent.span().span_context().is_valid() {

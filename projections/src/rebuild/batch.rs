@@ -189,16 +189,42 @@ async fn continuation(
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    sqlx::query(
-        "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
-         SELECT $1, 'instance', id, 0 FROM unnest($2::text[]) AS t(id)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(model.name())
-    .bind(&ids)
-    .execute(&mut *conn)
-    .await?;
-    let known: Vec<(String, i64)> = sqlx::query_as(
+    // Streams seen before (the common case) are locked with one statement; only streams new
+    // to the read model take an insert and a second lookup.
+    let mut known = lock_offsets(conn, model, &ids).await?;
+    if known.len() < ids.len() {
+        let seen: std::collections::HashSet<&str> =
+            known.iter().map(|(id, _)| id.as_str()).collect();
+        let new: Vec<&str> = ids.iter().copied().filter(|id| !seen.contains(id)).collect();
+        sqlx::query(
+            "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
+             SELECT $1, 'instance', id, 0 FROM unnest($2::text[]) AS t(id)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(model.name())
+        .bind(&new)
+        .execute(&mut *conn)
+        .await?;
+        known.extend(lock_offsets(conn, model, &new).await?);
+    }
+    let mut last: HashMap<String, i64> = known.into_iter().collect();
+    for (stored, _, _) in batch {
+        let seq = last.entry(stored.aggregate_id.clone()).or_insert(0);
+        if stored.sequence != *seq + 1 {
+            return Ok(None);
+        }
+        *seq = stored.sequence;
+    }
+    Ok(Some(last))
+}
+
+/// The offset rows of `ids` (sorted), locked in that order; streams without a row are absent.
+async fn lock_offsets(
+    conn: &mut PgConnection,
+    model: ReadModel,
+    ids: &[&str],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
         // One primary-key lookup per stream, locked in `ids` order. (`aggregate_id = ANY($2)`
         // let the planner keep a plan that filtered every offset row of the projector against
         // the array, so each batch cost more as the table grew.)
@@ -212,21 +238,12 @@ async fn continuation(
           ORDER BY k.n",
     )
     .bind(model.name())
-    .bind(&ids)
+    .bind(ids)
     .fetch_all(&mut *conn)
-    .await?;
-    let mut last: HashMap<String, i64> = known.into_iter().collect();
-    for (stored, _, _) in batch {
-        let seq = last.entry(stored.aggregate_id.clone()).or_insert(0);
-        if stored.sequence != *seq + 1 {
-            return Ok(None);
-        }
-        *seq = stored.sequence;
-    }
-    Ok(Some(last))
+    .await
 }
 
-/// Offsets and status, once per batch (what `apply_one` does per event).
+/// Offsets and status, once per batch (what `apply_one` does per event), in one statement.
 async fn bookkeeping(
     conn: &mut PgConnection,
     model: ReadModel,
@@ -234,28 +251,25 @@ async fn bookkeeping(
     last: HashMap<String, i64>,
 ) -> Result<(), sqlx::Error> {
     let (ids, seqs): (Vec<String>, Vec<i64>) = last.into_iter().unzip();
+    let position = batch.iter().map(|(s, _, _)| s.position).max();
+    let recorded = batch.iter().map(|(s, _, _)| s.recorded_at).max();
     sqlx::query(
-        "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
-         SELECT $1, 'instance', id, seq FROM unnest($2::text[], $3::bigint[]) AS t(id, seq)
-         ON CONFLICT (projector, aggregate_type, aggregate_id)
-         DO UPDATE SET last_sequence = EXCLUDED.last_sequence",
+        "WITH offsets AS (
+             INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
+             SELECT $1, 'instance', id, seq FROM unnest($2::text[], $3::bigint[]) AS t(id, seq)
+             ON CONFLICT (projector, aggregate_type, aggregate_id)
+             DO UPDATE SET last_sequence = EXCLUDED.last_sequence
+         )
+         UPDATE projector_status
+            SET last_position = GREATEST(last_position, $4),
+                last_recorded_at = GREATEST(last_recorded_at, $5),
+                last_applied_at = now(),
+                processed_total = processed_total + $6
+          WHERE projector = $1",
     )
     .bind(model.name())
     .bind(&ids)
     .bind(&seqs)
-    .execute(&mut *conn)
-    .await?;
-    let position = batch.iter().map(|(s, _, _)| s.position).max();
-    let recorded = batch.iter().map(|(s, _, _)| s.recorded_at).max();
-    sqlx::query(
-        "UPDATE projector_status
-            SET last_position = GREATEST(last_position, $2),
-                last_recorded_at = GREATEST(last_recorded_at, $3),
-                last_applied_at = now(),
-                processed_total = processed_total + $4
-          WHERE projector = $1",
-    )
-    .bind(model.name())
     .bind(position)
     .bind(recorded)
     .bind(batch.len() as i64)
