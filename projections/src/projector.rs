@@ -143,8 +143,8 @@ impl ProjectorConfig {
         Self {
             amqp,
             queue_prefix: "apex.projector".to_owned(),
-            prefetch: 512,
-            batch_size: 256,
+            prefetch: 1024,
+            batch_size: 512,
             max_attempts: 3,
         }
     }

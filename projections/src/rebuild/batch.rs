@@ -195,7 +195,11 @@ async fn continuation(
     if known.len() < ids.len() {
         let seen: std::collections::HashSet<&str> =
             known.iter().map(|(id, _)| id.as_str()).collect();
-        let new: Vec<&str> = ids.iter().copied().filter(|id| !seen.contains(id)).collect();
+        let new: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !seen.contains(id))
+            .collect();
         sqlx::query(
             "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
              SELECT $1, 'instance', id, 0 FROM unnest($2::text[]) AS t(id)
