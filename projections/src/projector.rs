@@ -339,8 +339,8 @@ async fn session(
 /// Moves what is left in `model`'s queue from before the groups into its read model, then
 /// deletes that queue: it is unbound first, so nothing new arrives in it (a replica of the
 /// previous version that reconnects declares and binds it again; the next session start of a
-/// group drains it again). Events it held that
-/// the group's queue also carries are skipped by the offsets, whichever comes first.
+/// group drains it again). Events it held that the group's queue also carries are skipped by
+/// the offsets, whichever comes first.
 async fn drain_legacy(
     pool: &PgPool,
     model: ReadModel,

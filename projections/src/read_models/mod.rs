@@ -1,8 +1,8 @@
 //! The read models and how each event changes them.
 //!
 //! Each read model is fed by the projector group of its aggregate type (one queue per group,
-//! offsets per read model). `apply` runs inside the read model's transaction, together with the offset bookkeeping, so an event is applied
-//! to a read model exactly once or not at all.
+//! offsets per read model). `apply` runs inside the read model's transaction, together with the
+//! offset bookkeeping, so an event is applied to a read model exactly once or not at all.
 
 mod agent_stats;
 mod agents;
