@@ -133,23 +133,25 @@ impl Application {
 
 /// Parses `--only` projector group names; empty means all.
 pub fn parse_groups(names: &[String]) -> anyhow::Result<Vec<ProjectorGroup>> {
-    if names.is_empty() {
-        return Ok(ProjectorGroup::ALL.to_vec());
-    }
-    names
-        .iter()
-        .map(|n| n.parse::<ProjectorGroup>().map_err(|e| anyhow::anyhow!(e)))
-        .collect()
+    parse_names(names, &ProjectorGroup::ALL)
 }
 
 /// Parses read-model names; empty means all.
 pub fn parse_models(names: &[String]) -> anyhow::Result<Vec<ReadModel>> {
+    parse_names(names, &ReadModel::ALL)
+}
+
+/// Parses each of `names`; empty means `all`.
+fn parse_names<T: Copy + std::str::FromStr<Err = String>>(
+    names: &[String],
+    all: &[T],
+) -> anyhow::Result<Vec<T>> {
     if names.is_empty() {
-        return Ok(ReadModel::ALL.to_vec());
+        return Ok(all.to_vec());
     }
     names
         .iter()
-        .map(|n| n.parse::<ReadModel>().map_err(|e| anyhow::anyhow!(e)))
+        .map(|n| n.parse::<T>().map_err(|e| anyhow::anyhow!(e)))
         .collect()
 }
 

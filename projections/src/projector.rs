@@ -74,11 +74,14 @@ impl ProjectorGroup {
         }
     }
 
-    /// The group of `model`.
+    /// The group of `model` (exhaustive: a new read model must be given a group).
     pub fn of(model: ReadModel) -> Self {
         match model {
             ReadModel::Agents => ProjectorGroup::Agent,
-            _ => ProjectorGroup::Instance,
+            ReadModel::Instances
+            | ReadModel::Timeline
+            | ReadModel::AgentStats
+            | ReadModel::Usage => ProjectorGroup::Instance,
         }
     }
 
@@ -839,4 +842,29 @@ async fn dead_letter(
         return Err(BusError::Nacked.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_read_model_is_maintained_by_exactly_the_group_of_its_aggregate_type() {
+        for model in ReadModel::ALL {
+            let holders: Vec<_> = ProjectorGroup::ALL
+                .into_iter()
+                .filter(|g| g.models().contains(&model))
+                .collect();
+            assert_eq!(holders, vec![ProjectorGroup::of(model)], "{model}");
+            assert_eq!(ProjectorGroup::of(model).name(), model.aggregate_type());
+        }
+    }
+
+    #[test]
+    fn a_read_model_name_is_refused_as_a_group_with_its_group_named() {
+        let err = "timeline".parse::<ProjectorGroup>().unwrap_err();
+        assert!(err.contains("projector group `instance`"), "{err}");
+        assert_eq!("agent".parse::<ProjectorGroup>(), Ok(ProjectorGroup::Agent));
+    }
 }
