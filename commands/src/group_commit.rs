@@ -5,9 +5,11 @@
 //! their commits, not to the rows. [`GroupCommitRepository`] keeps postgres-es for every read
 //! and replaces its append: each `persist` call queues its events (and snapshot update) and
 //! waits; a few writer tasks take whatever is queued (up to [`MAX_BATCH_EVENTS`]) and append it
-//! in one transaction — one multi-row `INSERT` for the events, one statement per kind of
-//! snapshot change, one commit — then answer every caller. While one batch commits the next
-//! one gathers, so batches grow with the load and a lone command waits for nobody.
+//! in one transaction — one statement inserting the events and the new snapshots, committed
+//! as it returns, so a batch costs one round trip; only when a snapshot moves does an
+//! explicit transaction add its checked `UPDATE` — then answer every caller. While one batch
+//! commits the next one gathers, so batches grow with the load and a lone command waits for
+//! nobody.
 //!
 //! Each command is still decided alone, on its own state, and answered only after the shared
 //! commit. What a batch must not do is let one command's failure fail the others: when the
@@ -301,58 +303,56 @@ async fn append(pool: &PgPool, requests: &[Append]) -> Result<(), Failure> {
             target.push(request.aggregate_type, id, last, *snapshot as i64, state);
         }
     }
-    let mut tx = pool.begin().await?;
-    if count > 0 {
-        sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                                 payload, metadata)
+    // The events and the new snapshots go in one statement. Without a snapshot to move, that
+    // statement is the whole transaction (one round trip, committed when it returns); a
+    // snapshot move has to be checked before the commit, so it runs in an explicit one.
+    let insert = sqlx::query(
+        "WITH appended AS (
+             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata)
              SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                                  $6::jsonb[], $7::jsonb[])",
-        )
-        .bind(&types)
-        .bind(&ids)
-        .bind(&sequences)
-        .bind(&names)
-        .bind(&versions)
-        .bind(&payloads)
-        .bind(&metadata)
-        .execute(&mut *tx)
-        .await?;
+                                  $6::jsonb[], $7::jsonb[]))
+         INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot,
+                                payload)
+         SELECT * FROM unnest($8::text[], $9::text[], $10::bigint[], $11::bigint[],
+                              $12::jsonb[])",
+    )
+    .bind(&types)
+    .bind(&ids)
+    .bind(&sequences)
+    .bind(&names)
+    .bind(&versions)
+    .bind(&payloads)
+    .bind(&metadata)
+    .bind(&created.types)
+    .bind(&created.ids)
+    .bind(&created.last)
+    .bind(&created.counter)
+    .bind(&created.states);
+    if moved.ids.is_empty() {
+        insert.execute(pool).await?;
+        return Ok(());
     }
-    if !created.ids.is_empty() {
-        sqlx::query(
-            "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot,
-                                    payload)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])",
-        )
-        .bind(&created.types)
-        .bind(&created.ids)
-        .bind(&created.last)
-        .bind(&created.counter)
-        .bind(&created.states)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !moved.ids.is_empty() {
-        let updated = sqlx::query(
-            "UPDATE snapshots s
-                SET last_sequence = u.last, current_snapshot = u.counter, payload = u.state
-               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])
-                    AS u(aggregate_type, aggregate_id, last, counter, state)
-              WHERE s.aggregate_type = u.aggregate_type AND s.aggregate_id = u.aggregate_id
-                AND s.current_snapshot = u.counter - 1",
-        )
-        .bind(&moved.types)
-        .bind(&moved.ids)
-        .bind(&moved.last)
-        .bind(&moved.counter)
-        .bind(&moved.states)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != moved.ids.len() as u64 {
-            return Err(Failure::SnapshotMoved);
-        }
+    let mut tx = pool.begin().await?;
+    insert.execute(&mut *tx).await?;
+    let updated = sqlx::query(
+        "UPDATE snapshots s
+            SET last_sequence = u.last, current_snapshot = u.counter, payload = u.state
+           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])
+                AS u(aggregate_type, aggregate_id, last, counter, state)
+          WHERE s.aggregate_type = u.aggregate_type AND s.aggregate_id = u.aggregate_id
+            AND s.current_snapshot = u.counter - 1",
+    )
+    .bind(&moved.types)
+    .bind(&moved.ids)
+    .bind(&moved.last)
+    .bind(&moved.counter)
+    .bind(&moved.states)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated != moved.ids.len() as u64 {
+        return Err(Failure::SnapshotMoved);
     }
     tx.commit().await?;
     Ok(())
