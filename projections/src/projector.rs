@@ -38,6 +38,7 @@ use crate::amqp::{self, AmqpConfig, Backoff, BusError};
 use crate::chat::ChatUpdate;
 use crate::envelope::{CloudEvent, DomainEvent, StoredEvent};
 use crate::read_models::ReadModel;
+use crate::rebuild::batch::{self, RunOwners};
 use crate::store;
 
 /// A projector group: the read models fed from one queue by one consumer session.
@@ -236,9 +237,10 @@ pub async fn run(
 ) {
     let initial = Duration::from_millis(200);
     let mut backoff = Backoff::new(initial, Duration::from_secs(10));
+    let owners = RunOwners::new();
     while !*shutdown.borrow() {
         let started = std::time::Instant::now();
-        match session(&pool, group, &config, &mut shutdown).await {
+        match session(&pool, group, &config, &owners, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(30) {
@@ -259,6 +261,7 @@ async fn session(
     pool: &PgPool,
     group: ProjectorGroup,
     config: &ProjectorConfig,
+    owners: &RunOwners,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
     for model in group.models() {
@@ -284,7 +287,7 @@ async fn session(
         None
     };
     for model in group.models() {
-        drain_legacy(pool, *model, config, &connection, &dlq_channel).await?;
+        drain_legacy(pool, *model, config, &connection, &dlq_channel, owners).await?;
     }
     let queue = config.queue(group);
     let mut consumer = channel
@@ -320,7 +323,7 @@ async fn session(
             group
                 .models()
                 .iter()
-                .map(|model| process(pool, *model, config, &dlq_channel, &decoded)),
+                .map(|model| process(pool, *model, config, &dlq_channel, &decoded, owners)),
         )
         .await;
         for (model, result) in group.models().iter().zip(results) {
@@ -350,6 +353,7 @@ async fn drain_legacy(
     config: &ProjectorConfig,
     connection: &Connection,
     dlq: &Channel,
+    owners: &RunOwners,
 ) -> Result<(), ProjectorError> {
     let queue = config.legacy_queue(model);
     // Declared as it was (durable, no arguments) rather than probed: a passive declare of a
@@ -375,7 +379,7 @@ async fn drain_legacy(
     {
         let delivery = &message.delivery;
         let decoded = [(delivery, decode(&delivery.data))];
-        process(pool, model, config, dlq, &decoded).await?;
+        process(pool, model, config, dlq, &decoded, owners).await?;
         delivery.ack(BasicAckOptions::default()).await?;
         drained += 1;
     }
@@ -455,6 +459,7 @@ async fn process(
     config: &ProjectorConfig,
     dlq: &Channel,
     batch: &[Decoding<'_>],
+    owners: &RunOwners,
 ) -> Result<Applied, ProjectorError> {
     let mut decoded = Vec::with_capacity(batch.len());
     for (delivery, d) in batch {
@@ -470,7 +475,7 @@ async fn process(
     // exactly (no duplicate, no gap), event by event otherwise.
     let whole: Result<Applied, sqlx::Error> = async {
         let mut tx = begin(pool, model).await?;
-        if let Some(entries) = apply_set_based(&mut tx, model, &decoded).await? {
+        if let Some(entries) = apply_set_based(&mut tx, model, &decoded, owners).await? {
             tx.commit().await?;
             metrics::counter!("apex_projector_processed_total", "projector" => model.name())
                 .increment(decoded.len() as u64);
@@ -508,6 +513,7 @@ async fn apply_set_based(
     conn: &mut PgConnection,
     model: ReadModel,
     decoded: &[(&Delivery, &Decoded)],
+    owners: &RunOwners,
 ) -> Result<Option<Vec<ChatUpdate>>, sqlx::Error> {
     if model == ReadModel::Agents || decoded.len() < 2 {
         return Ok(None);
@@ -519,7 +525,7 @@ async fn apply_set_based(
     );
     let events = decoded.iter().map(|(_, d)| (&d.stored, &d.event));
     let mut entries = Vec::new();
-    if !crate::rebuild::batch::apply_collecting(conn, model, events, Some(&mut entries))
+    if !batch::apply_collecting(conn, model, events, Some(&mut entries), Some(owners))
         .instrument(batch_span)
         .await?
     {
