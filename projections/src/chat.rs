@@ -6,6 +6,8 @@
 //! when a redelivered event is skipped as already applied, so a crash between the projection's
 //! commit and the publish loses nothing; receivers drop duplicates by sequence.
 
+use std::task::Poll;
+
 use chrono::{DateTime, Utc};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
@@ -73,24 +75,44 @@ pub async fn entries(
 }
 
 /// Publishes `updates` to the chat exchange and waits for every confirm.
+///
+/// The publishes are issued together: each one waits until the connection's I/O loop has
+/// written it, and waiting for them one after the other made announcing a batch take as long
+/// as projecting it (about 20 ms for 512 updates). Each is polled once here, in order — that
+/// first poll queues its frames and takes its confirm's delivery tag — so the updates of a run
+/// still leave in sequence order.
 pub async fn publish(
     channel: &Channel,
     exchange: &str,
     updates: &[ChatUpdate],
 ) -> Result<(), BusError> {
-    let mut confirms = Vec::with_capacity(updates.len());
-    for update in updates {
-        let body = serde_json::to_vec(update).map_err(|e| BusError::Encode(e.to_string()))?;
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key(&update.owner_id).as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_content_type("application/json".into()),
-            )
-            .await?;
-        confirms.push(confirm);
+    let messages = updates
+        .iter()
+        .map(|update| {
+            let body = serde_json::to_vec(update).map_err(|e| BusError::Encode(e.to_string()))?;
+            Ok((routing_key(&update.owner_id), body))
+        })
+        .collect::<Result<Vec<_>, BusError>>()?;
+    let properties = BasicProperties::default().with_content_type("application/json".into());
+    let mut publishes = Vec::with_capacity(messages.len());
+    for (key, body) in &messages {
+        let mut publish = Box::pin(channel.basic_publish(
+            exchange.into(),
+            key.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            properties.clone(),
+        ));
+        let first = futures::poll!(publish.as_mut());
+        publishes.push((publish, first));
+    }
+    let mut confirms = Vec::with_capacity(publishes.len());
+    for (publish, first) in publishes {
+        let published = match first {
+            Poll::Ready(published) => published,
+            Poll::Pending => publish.await,
+        };
+        confirms.push(published?);
     }
     for confirm in confirms {
         if !confirm.await?.is_ack() {
