@@ -79,7 +79,7 @@ pub async fn serve(
 ) {
     // Register first: from here on every committed step reaches us live, so the catch-up
     // below plus the live stream leave no gap.
-    let mut registration = hub.register(&user).await;
+    let mut registration = hub.register(&user);
     let (sink, mut stream) = socket.split();
     let mut conn = Conn {
         sink,

@@ -1,13 +1,14 @@
-//! The replica's hub: receives live chat updates from RabbitMQ for the users connected to this
-//! replica and hands them to their connections without ever waiting on a client.
+//! The replica's hub: receives live chat updates from RabbitMQ and hands those of the users
+//! connected to this replica to their connections without ever waiting on a client.
 //!
-//! * One exclusive queue per replica, bound to `user.<id>` while that user has a connection here.
+//! * One exclusive queue per replica, bound to the chat exchange's batches of updates (one
+//!   message per projector batch); an update whose owner has no connection here is dropped.
 //! * Each connection has a bounded buffer; when it is full the connection is told to resync and
 //!   closed, so a slow client never delays the others.
 //! * When the broker connection drops, the hub reconnects, rebinds, and tells every connection
 //!   to catch up from the timeline read model (updates published meanwhile were missed).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use apex_projections::amqp::{self, AmqpConfig, Backoff, BusError};
 use apex_projections::chat::{self, ChatUpdate};
 use futures::StreamExt;
-use lapin::Channel;
+use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tokio::sync::{Notify, mpsc};
@@ -53,8 +54,6 @@ pub struct Hub {
     config: AmqpConfig,
     queue: String,
     users: Mutex<HashMap<String, HashMap<u64, Handle>>>,
-    bound: tokio::sync::Mutex<HashSet<String>>,
-    channel: tokio::sync::Mutex<Option<Channel>>,
     next_id: AtomicU64,
     /// Counters.
     pub stats: HubStats,
@@ -73,23 +72,15 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let empty = {
-            let mut users = self.hub.users.lock().unwrap_or_else(|p| p.into_inner());
-            let empty = users.get_mut(&self.user).is_some_and(|conns| {
-                conns.remove(&self.id);
-                conns.is_empty()
-            });
-            if empty {
-                users.remove(&self.user);
-            }
-            empty
-        };
-        self.hub.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        let mut users = self.hub.users.lock().unwrap_or_else(|p| p.into_inner());
+        let empty = users.get_mut(&self.user).is_some_and(|conns| {
+            conns.remove(&self.id);
+            conns.is_empty()
+        });
         if empty {
-            let hub = self.hub.clone();
-            let user = std::mem::take(&mut self.user);
-            tokio::spawn(async move { hub.unbind_if_unused(&user).await });
+            users.remove(&self.user);
         }
+        self.hub.stats.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -100,8 +91,6 @@ impl Hub {
             config,
             queue: format!("apex.chat.replica.{}", uuid::Uuid::new_v4().simple()),
             users: Mutex::new(HashMap::new()),
-            bound: tokio::sync::Mutex::new(HashSet::new()),
-            channel: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
             stats: HubStats::default(),
         });
@@ -109,9 +98,10 @@ impl Hub {
         hub
     }
 
-    /// Registers a connection of `user`; returns once the user's updates are routed here (or
-    /// the broker is down, in which case the next session binds it and asks for a resync).
-    pub async fn register(self: &Arc<Self>, user: &str) -> Registration {
+    /// Registers a connection of `user`: from now on the user's updates reaching this replica
+    /// are handed to it (while the broker is down none reach it; the next session asks every
+    /// connection to resync).
+    pub fn register(self: &Arc<Self>, user: &str) -> Registration {
         let (tx, rx) = mpsc::channel(CONNECTION_BUFFER);
         let overflow = Arc::new(Notify::new());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -126,9 +116,6 @@ impl Hub {
             );
         }
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.bind(user).await {
-            tracing::warn!(error = %e, "cannot bind a user's chat updates now; the next broker session will");
-        }
         Registration {
             hub: self.clone(),
             user: user.to_owned(),
@@ -138,61 +125,29 @@ impl Hub {
         }
     }
 
-    async fn bind(&self, user: &str) -> Result<(), BusError> {
-        let mut bound = self.bound.lock().await;
-        if bound.contains(user) {
-            return Ok(());
+    /// Hands the updates of a message to the connections of their owners, in order.
+    fn dispatch_all(&self, delivery: &Delivery) {
+        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
+        if kind != Some(chat::BATCH_TYPE) {
+            tracing::error!(kind = ?kind, "chat message of an unknown type dropped");
+            return;
         }
-        let channel = self.channel.lock().await.clone();
-        let Some(channel) = channel else {
-            return Ok(());
+        let updates: Vec<ChatUpdate> = match serde_json::from_slice(&delivery.data) {
+            Ok(updates) => updates,
+            Err(e) => {
+                tracing::error!(error = %e, "malformed chat updates dropped");
+                return;
+            }
         };
-        channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                self.config.chat_exchange.as_str().into(),
-                chat::routing_key(user).as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        bound.insert(user.to_owned());
-        Ok(())
-    }
-
-    async fn unbind_if_unused(&self, user: &str) {
-        let mut bound = self.bound.lock().await;
-        let in_use = self
-            .users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(user);
-        if in_use || !bound.contains(user) {
-            return;
-        }
-        let channel = self.channel.lock().await.clone();
-        if let Some(channel) = channel
-            && let Err(e) = channel
-                .queue_unbind(
-                    self.queue.as_str().into(),
-                    self.config.chat_exchange.as_str().into(),
-                    chat::routing_key(user).as_str().into(),
-                    FieldTable::default(),
-                )
-                .await
-        {
-            tracing::warn!(error = %e, "cannot unbind a user's chat updates");
-            return;
-        }
-        bound.remove(user);
-    }
-
-    fn dispatch(&self, update: ChatUpdate) {
-        let update = Arc::new(update);
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(conns) = users.get(&update.owner_id) else {
-            return;
-        };
+        for update in updates {
+            if let Some(conns) = users.get(&update.owner_id) {
+                self.dispatch(conns, Arc::new(update));
+            }
+        }
+    }
+
+    fn dispatch(&self, conns: &HashMap<u64, Handle>, update: Arc<ChatUpdate>) {
         for handle in conns.values() {
             match handle.tx.try_send(Signal::Update(update.clone())) {
                 Ok(()) => {
@@ -223,8 +178,6 @@ impl Hub {
         let mut first = true;
         loop {
             let result = self.session(&mut first, &mut backoff, initial).await;
-            *self.channel.lock().await = None;
-            self.bound.lock().await.clear();
             let delay = backoff.next_delay();
             match result {
                 Ok(()) => {
@@ -258,6 +211,15 @@ impl Hub {
                 FieldTable::default(),
             )
             .await?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.config.chat_exchange.as_str().into(),
+                chat::BATCH_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         let mut consumer = channel
             .basic_consume(
                 self.queue.as_str().into(),
@@ -269,17 +231,6 @@ impl Hub {
                 FieldTable::default(),
             )
             .await?;
-        *self.channel.lock().await = Some(channel);
-        let users: Vec<String> = self
-            .users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        for user in users {
-            self.bind(&user).await?;
-        }
         if !*first {
             // Whatever was published while we were away is in the read model, not in our queue.
             self.broadcast_resync();
@@ -288,11 +239,7 @@ impl Hub {
         backoff.reset(initial);
         tracing::info!(queue = %self.queue, "chat hub consuming");
         while let Some(delivery) = consumer.next().await {
-            let delivery = delivery?;
-            match serde_json::from_slice::<ChatUpdate>(&delivery.data) {
-                Ok(update) => self.dispatch(update),
-                Err(e) => tracing::error!(error = %e, "malformed chat update dropped"),
-            }
+            self.dispatch_all(&delivery?);
         }
         Ok(())
     }
