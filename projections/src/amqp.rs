@@ -1,5 +1,7 @@
 //! RabbitMQ connection and topology.
 
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use lapin::options::{
@@ -15,7 +17,7 @@ pub struct AmqpConfig {
     pub uri: String,
     /// The durable topic exchange events are published to.
     pub exchange: String,
-    /// The topic exchange of live chat updates, routed by `user.<id>`.
+    /// The topic exchange of live chat updates (one message per projector batch).
     pub chat_exchange: String,
 }
 
@@ -37,6 +39,35 @@ pub enum BusError {
     /// A message could not be encoded.
     #[error("cannot encode a message: {0}")]
     Encode(String),
+}
+
+/// Runs `publishes` (the `basic_publish` futures of one channel, in the order they must reach
+/// the broker) pipelined and returns their results in order.
+///
+/// A publish queues its frames and takes its confirm's delivery tag when first polled, then
+/// waits until the connection's I/O thread has written it. Awaiting each in turn costs a
+/// round trip to that thread (two thread wake-ups) per message; here each is polled once as it
+/// is created — so the frames and tags keep the iterator's order — and only then awaited.
+pub async fn publish_pipelined<F, T>(
+    publishes: impl IntoIterator<Item = F>,
+) -> Result<Vec<T>, BusError>
+where
+    F: Future<Output = Result<T, lapin::Error>>,
+{
+    let mut started = Vec::new();
+    for publish in publishes {
+        let mut publish = Box::pin(publish);
+        let first = futures::poll!(publish.as_mut());
+        started.push((publish, first));
+    }
+    let mut results = Vec::with_capacity(started.len());
+    for (publish, first) in started {
+        results.push(match first {
+            Poll::Ready(result) => result?,
+            Poll::Pending => publish.await?,
+        });
+    }
+    Ok(results)
 }
 
 /// Opens a connection named after the process.

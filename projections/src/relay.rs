@@ -284,32 +284,35 @@ async fn send_batch(
     exchange: &str,
     batch: &[StoredEvent],
 ) -> Result<Vec<lapin::PublisherConfirm>, RelayError> {
-    let mut confirms = Vec::with_capacity(batch.len());
-    for event in batch {
-        let (routing_key, body, properties) = encode(event)?;
-        let span = tracing::info_span!(
-            "relay.publish",
-            otel.kind = "producer",
-            trace_id = crate::trace::trace_id(event.traceparent.as_deref()),
-            routing_key,
-            aggregate_id = %event.aggregate_id,
-            sequence = event.sequence,
-        );
-        crate::trace::follow(&span, event.traceparent.as_deref());
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties,
-            )
-            .instrument(span)
-            .await
-            .map_err(BusError::from)?;
-        confirms.push(confirm);
-    }
-    Ok(confirms)
+    let encoded = batch
+        .iter()
+        .map(|event| encode(event).map(|message| (event, message)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Collected first: a lazy iterator held across the awaits would make the future !Send.
+    let publishes: Vec<_> = encoded
+        .iter()
+        .map(|(event, (routing_key, body, properties))| {
+            let span = tracing::info_span!(
+                "relay.publish",
+                otel.kind = "producer",
+                trace_id = crate::trace::trace_id(event.traceparent.as_deref()),
+                routing_key,
+                aggregate_id = %event.aggregate_id,
+                sequence = event.sequence,
+            );
+            crate::trace::follow(&span, event.traceparent.as_deref());
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties.clone(),
+                )
+                .instrument(span)
+        })
+        .collect();
+    Ok(crate::amqp::publish_pipelined(publishes).await?)
 }
 
 /// Waits for every confirm; a nack or a lost channel fails the batch.

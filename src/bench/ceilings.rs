@@ -80,22 +80,28 @@ pub(crate) async fn pipelined_publish(
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
-    for m in messages {
-        if pending.len() >= window
+    // Handed to the connection 1,000 at a time, as the relay does with a batch
+    // (`amqp::publish_pipelined`), so the ceiling is no slower than the relay's way of
+    // publishing.
+    for chunk in messages.chunks(1000) {
+        while pending.len() + chunk.len() > window
             && let Some(confirm) = pending.pop_front()
         {
             check(confirm).await?;
         }
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                m.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &m.body,
-                m.properties.clone(),
-            )
-            .await?;
-        pending.push_back(confirm);
+        let publishes: Vec<_> = chunk
+            .iter()
+            .map(|m| {
+                channel.basic_publish(
+                    exchange.into(),
+                    m.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &m.body,
+                    m.properties.clone(),
+                )
+            })
+            .collect();
+        pending.extend(apex_projections::amqp::publish_pipelined(publishes).await?);
     }
     for confirm in pending {
         check(confirm).await?;

@@ -1,4 +1,4 @@
-//! `project`: a steady stream of stored events published to RabbitMQ at 10k events/s and
+//! `project`: a steady stream of stored events published to RabbitMQ at 12.5k events/s and
 //! applied by every projector; throughput into all read models and the lag of each event
 //! (published → applied by the slowest instance projector). Ceiling: a bare consumer with the
 //! projectors' prefetch and batched acks, on the same messages.
@@ -30,7 +30,9 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
     let (per_second, seconds, cap) = if options.quick {
         (2_000.0, 1.0, Duration::from_secs(60))
     } else {
-        (10_000.0, 20.0, Duration::from_secs(240))
+        // Offered above the 10k/s target: a stream offered at exactly the target measures
+        // the offer, not the projectors (9.8k ev/s at 10k offered, lag p99 170 ms).
+        (12_500.0, 16.0, Duration::from_secs(240))
     };
     let events = (per_second * seconds) as i64;
     seed::store(&stack.pool, events).await?;
@@ -88,31 +90,33 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
             while sent < messages.len() {
                 let due =
                     ((start.elapsed().as_secs_f64() * per_second) as usize + 1).min(messages.len());
-                while sent < due {
-                    let m = &messages[sent];
-                    confirms.push(
-                        channel
-                            .basic_publish(
-                                exchange.as_str().into(),
-                                m.routing_key.as_str().into(),
-                                BasicPublishOptions::default(),
-                                &m.body,
-                                m.properties.clone(),
-                            )
-                            .await?,
-                    );
-                    published_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(Instant::now());
-                    sent += 1;
-                }
+                // Published like the relay publishes (`amqp::publish_pipelined`), stamped
+                // before: the lag of an event counts from before its publish.
+                let publishes: Vec<_> = messages[sent..due]
+                    .iter()
+                    .map(|m| {
+                        channel.basic_publish(
+                            exchange.as_str().into(),
+                            m.routing_key.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &m.body,
+                            m.properties.clone(),
+                        )
+                    })
+                    .collect();
+                let now = Instant::now();
+                published_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(std::iter::repeat_n(now, due - sent));
+                confirms.extend(amqp::publish_pipelined(publishes).await?);
+                sent = due;
                 tokio::time::sleep(tick).await;
             }
             for confirm in confirms {
                 confirm.await?;
             }
-            Ok::<_, lapin::Error>(())
+            Ok::<_, apex_projections::amqp::BusError>(())
         })
     };
 
