@@ -528,7 +528,7 @@ fn change(event: &InstanceEvent) -> Option<Change> {
                     .clone()
                     .unwrap_or_else(|| format!("{tool} finished")),
             ),
-            json!({ "result": internal.result }),
+            json!({ "result": internal.result, "duration_ms": internal.duration_ms }),
         ),
         InstanceEvent::InstanceCompleted { display, internal } => (
             Some("completed"),
@@ -937,7 +937,35 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use apex_domain::instance::{ToolDisplay, ToolResultInternal};
+
     use super::*;
+
+    /// The per-event rule (`read_models::instances`) keeps a tool completion's whole internal
+    /// part, `duration_ms` included (added in version 2); the fold once kept only `result`,
+    /// which a chaos run found in runs whose last event was a tool completion.
+    #[test]
+    fn a_tool_completion_keeps_its_whole_internal_part_as_the_runs_last_internal() {
+        let completed = |duration_ms| InstanceEvent::ToolCallCompleted {
+            call_id: "c1".into(),
+            tool: "sql".into(),
+            is_error: false,
+            display: ToolDisplay::default(),
+            internal: ToolResultInternal {
+                result: json!({"rows": 3}),
+                duration_ms,
+            },
+        };
+
+        let (.., measured) = change(&completed(Some(40))).unwrap();
+        let (.., unmeasured) = change(&completed(None)).unwrap();
+
+        assert_eq!(measured, json!({"result": {"rows": 3}, "duration_ms": 40}));
+        assert_eq!(
+            unmeasured,
+            json!({"result": {"rows": 3}, "duration_ms": null})
+        );
+    }
 
     #[test]
     fn a_remembered_owner_is_found_and_only_unknown_runs_are_left_to_look_up() {
