@@ -80,28 +80,15 @@ pub(crate) async fn pipelined_publish(
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
-    // Handed to the connection 1,000 at a time, as the relay does with a batch
-    // (`amqp::publish_pipelined`), so the ceiling is no slower than the relay's way of
-    // publishing.
+    // Handed to the connection 1,000 at a time, as the relay does with a batch, so the
+    // ceiling is no slower than the relay's way of publishing.
     for chunk in messages.chunks(1000) {
         while pending.len() + chunk.len() > window
             && let Some(confirm) = pending.pop_front()
         {
             check(confirm).await?;
         }
-        let publishes: Vec<_> = chunk
-            .iter()
-            .map(|m| {
-                channel.basic_publish(
-                    exchange.into(),
-                    m.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &m.body,
-                    m.properties.clone(),
-                )
-            })
-            .collect();
-        pending.extend(apex_projections::amqp::publish_pipelined(publishes).await?);
+        pending.extend(super::seed::publish(channel, exchange, chunk).await?);
     }
     for confirm in pending {
         check(confirm).await?;

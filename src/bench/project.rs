@@ -10,7 +10,6 @@ use apex_projections::ProjectorGroup;
 use apex_projections::ReadModel;
 use apex_projections::amqp;
 use apex_projections::projector;
-use lapin::options::BasicPublishOptions;
 use serde_json::json;
 
 use super::report::{Row, Target};
@@ -90,33 +89,21 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
             while sent < messages.len() {
                 let due =
                     ((start.elapsed().as_secs_f64() * per_second) as usize + 1).min(messages.len());
-                // Published like the relay publishes (`amqp::publish_pipelined`), stamped
-                // before: the lag of an event counts from before its publish.
-                let publishes: Vec<_> = messages[sent..due]
-                    .iter()
-                    .map(|m| {
-                        channel.basic_publish(
-                            exchange.as_str().into(),
-                            m.routing_key.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &m.body,
-                            m.properties.clone(),
-                        )
-                    })
-                    .collect();
+                // Published like the relay publishes, stamped before: the lag of an event
+                // counts from before its publish.
                 let now = Instant::now();
                 published_at
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend(std::iter::repeat_n(now, due - sent));
-                confirms.extend(amqp::publish_pipelined(publishes).await?);
+                confirms.extend(seed::publish(&channel, &exchange, &messages[sent..due]).await?);
                 sent = due;
                 tokio::time::sleep(tick).await;
             }
             for confirm in confirms {
                 confirm.await?;
             }
-            Ok::<_, apex_projections::amqp::BusError>(())
+            Ok::<_, amqp::BusError>(())
         })
     };
 

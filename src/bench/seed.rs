@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use apex_projections::StoredEvent;
 use apex_projections::store;
-use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, PublisherConfirm};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
@@ -214,4 +215,26 @@ pub(crate) fn encode(events: &[StoredEvent]) -> anyhow::Result<Vec<Encoded>> {
             })
         })
         .collect()
+}
+
+/// Publishes `messages` to `exchange` as the relay publishes a batch
+/// (`amqp::publish_pipelined`); returns their confirms, in order.
+pub(crate) async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    messages: &[Encoded],
+) -> Result<Vec<PublisherConfirm>, apex_projections::amqp::BusError> {
+    let publishes: Vec<_> = messages
+        .iter()
+        .map(|m| {
+            channel.basic_publish(
+                exchange.into(),
+                m.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &m.body,
+                m.properties.clone(),
+            )
+        })
+        .collect();
+    apex_projections::amqp::publish_pipelined(publishes).await
 }
