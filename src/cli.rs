@@ -261,8 +261,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Relay => {
             let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
-            let pool = startup::prepare_database(&settings.database).await?;
-            let workers = startup::Workers::start(&settings, pool, true, &[]);
+            startup::prepare_database(&settings.database).await?;
+            let workers =
+                startup::Workers::start(&settings, startup::worker_pool(&settings), true, &[]);
             startup::shutdown_signal().await;
             workers.stop().await;
             telemetry.shutdown();
@@ -271,8 +272,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Project { only } => {
             let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
             let groups = startup::parse_groups(&only)?;
-            let pool = startup::prepare_database(&settings.database).await?;
-            let workers = startup::Workers::start(&settings, pool, false, &groups);
+            startup::prepare_database(&settings.database).await?;
+            let workers =
+                startup::Workers::start(&settings, startup::worker_pool(&settings), false, &groups);
             startup::shutdown_signal().await;
             workers.stop().await;
             telemetry.shutdown();
@@ -283,7 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let app = Application::build(&settings).await?;
             let workers = startup::Workers::start(
                 &settings,
-                app.state.pool.clone(),
+                startup::worker_pool(&settings),
                 true,
                 &apex_projections::projector::ProjectorGroup::ALL,
             );

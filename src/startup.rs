@@ -28,6 +28,14 @@ pub async fn prepare_database(settings: &DatabaseSettings) -> anyhow::Result<PgP
     Ok(pool)
 }
 
+/// The pool of the relay and the projectors (see [`apex_commands::connect_workers`]).
+pub fn worker_pool(settings: &Settings) -> PgPool {
+    apex_commands::connect_workers(
+        settings.database.options(),
+        settings.database.max_connections,
+    )
+}
+
 async fn create_database(settings: &DatabaseSettings) -> anyhow::Result<()> {
     let mut conn = PgConnection::connect_with(&settings.server_options())
         .await

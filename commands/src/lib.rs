@@ -20,4 +20,4 @@ pub use bus::{CommandBus, RetryPolicy};
 pub use context::{CommandContext, CommandOutcome, IdempotencyKey};
 pub use error::CommandError;
 pub use service::CommandService;
-pub use store::{INSTANCE_SNAPSHOT_EVERY, connect, migrate};
+pub use store::{INSTANCE_SNAPSHOT_EVERY, connect, connect_workers, migrate};

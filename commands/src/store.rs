@@ -22,11 +22,38 @@ pub const INSTANCE_SNAPSHOT_EVERY: usize = 100;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Opens a pool. Connections are established lazily so a process can start (and report
-/// unready) while the database is down.
+/// unready) while the database is down. Every connection is checked (one round trip) before it
+/// is handed out, so a command right after a database blip does not fail on a connection that
+/// died while idle: the pool of the API, which answers users.
 pub fn connect(options: PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(options)
+}
+
+/// A worker's pooled connection idle for longer than this is checked before it is handed out;
+/// one in steady use is not.
+pub const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
+
+/// [`connect`] for the relay and the projectors, which retry a failed unit of work anyway:
+/// the check before every use doubled the round trips of their single-statement units of work
+/// (a relay read, the timeline's batch, a transaction's start), so only a connection idle for
+/// [`CHECK_IDLE_AFTER`] is checked (and a dead one dropped and replaced). One that died more
+/// recently fails its statement, which the caller retries as any transient failure.
+pub fn connect_workers(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= CHECK_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options)
 }
 

@@ -319,20 +319,25 @@ async fn session(
             }
         }
         let decoded: Vec<_> = batch.iter().map(|d| (d, decode(&d.data))).collect();
-        let results = futures::future::join_all(
-            group
-                .models()
-                .iter()
-                .map(|model| process(pool, *model, config, &dlq_channel, &decoded, owners)),
-        )
-        .await;
-        for (model, result) in group.models().iter().zip(results) {
-            let applied = result?;
-            if *model == ReadModel::Timeline
-                && let Some(chat_channel) = &chat_channel
-            {
-                announce(pool, chat_channel, &config.amqp.chat_exchange, applied).await?;
+        let chat = chat_channel.as_ref();
+        let results = futures::future::join_all(group.models().iter().map(|model| {
+            let decoded = &decoded;
+            let dlq = &dlq_channel;
+            async move {
+                let applied = process(pool, *model, config, dlq, decoded, owners).await?;
+                // The timeline announces as soon as it has committed, without waiting for
+                // the group's other read models.
+                if *model == ReadModel::Timeline
+                    && let Some(chat) = chat
+                {
+                    announce(pool, chat, &config.amqp.chat_exchange, applied).await?;
+                }
+                Ok::<_, ProjectorError>(())
             }
+        }))
+        .await;
+        for result in results {
+            result?;
         }
         if let Some(last) = batch.last() {
             last.ack(BasicAckOptions { multiple: true }).await?;

@@ -106,7 +106,7 @@ impl Stack {
 
     /// Starts the relay (when `relay`) and the projector `groups`.
     pub(crate) fn workers(&mut self, relay: bool, groups: &[ProjectorGroup]) {
-        let pool = apex_commands::connect(
+        let pool = apex_commands::connect_workers(
             self.settings.database.options(),
             self.settings.database.max_connections,
         );

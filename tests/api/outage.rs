@@ -392,3 +392,41 @@ async fn a_command_after_a_brief_outage_succeeds_without_a_restart() {
     // The run exists (read model may trail: 200 or 404, never 5xx).
     assert!(!r.status().is_server_error(), "{}", r.status());
 }
+
+/// The workers' pool checks a connection only when it has been idle for a while (a check per
+/// use would double the round trips of their single-statement units of work): one that died
+/// while idle is dropped and replaced before it is handed out, so the statement does not fail.
+#[tokio::test]
+async fn a_workers_connection_that_died_while_idle_is_replaced_before_it_is_used() {
+    let app = crate::helpers::spawn_app().await;
+    let pool = apex_commands::connect_workers(app.settings.database.options(), 1);
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(apex_commands::store::CHECK_IDLE_AFTER + Duration::from_millis(200)).await;
+    let mut admin = crate::helpers::server_connection(&app.settings).await;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(terminated);
+    for _ in 0..100 {
+        let alive: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                .bind(pid)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        if !alive {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the dead connection is replaced, not handed out");
+    assert_ne!(after, pid);
+}
