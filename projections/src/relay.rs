@@ -192,7 +192,10 @@ async fn publish_loop(
             return Ok(());
         }
         if read_now && in_flight.len() < MAX_BATCHES_IN_FLIGHT {
-            let batch = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
+            let store::Settled {
+                events: batch,
+                held_back,
+            } = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
             let full = batch.len() as i64 == config.batch_size;
             if let Some(last) = batch.last() {
                 let confirms = send_batch(channel, &config.amqp.exchange, &batch).await?;
@@ -206,7 +209,8 @@ async fn publish_loop(
             }
             read_now = full;
             if !full {
-                horizon_retry = if store::held_back_after(pool, xid, position).await? {
+                // Held-back events sort after the batch: they are after the new checkpoint.
+                horizon_retry = if held_back {
                     let next = horizon_retry.map_or(HORIZON_RETRY, |d| d * 2);
                     Some(next.min(config.poll_interval))
                 } else {

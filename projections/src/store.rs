@@ -61,41 +61,56 @@ pub async fn aggregate_range(
     rows.iter().map(from_row).collect()
 }
 
+/// What the relay reads after its checkpoint.
+#[derive(Debug)]
+pub struct Settled {
+    /// Up to the limit of events whose transactions are all finished, in relay order.
+    pub events: Vec<StoredEvent>,
+    /// Whether committed events after them are held back by the snapshot horizon (an older
+    /// transaction, anywhere in the cluster, is still running): they are returned once it ends.
+    pub held_back: bool,
+}
+
 /// Up to `limit` events after the `(transaction_id, position)` checkpoint whose transactions
 /// are all finished: `transaction_id < pg_snapshot_xmin(pg_current_snapshot())`. Every
 /// transaction below that horizon has committed or aborted, so no event can appear later
 /// below the checkpoint: reading in `(transaction_id, position)` order skips nothing.
+///
+/// One statement reads the events and finds whether any are held back (they sort after every
+/// settled one), instead of a second query after each read that is not full.
 pub async fn after_checkpoint<'e>(
     executor: impl PgExecutor<'e>,
     transaction_id: i64,
     position: i64,
     limit: i64,
-) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    read_after(executor, transaction_id, position, limit, true).await
-}
-
-/// Whether committed events after the checkpoint are held back by the snapshot horizon (an
-/// older transaction, anywhere in the cluster, is still running), so that
-/// [`after_checkpoint`] will return them once it ends.
-pub async fn held_back_after<'e>(
-    executor: impl PgExecutor<'e>,
-    transaction_id: i64,
-    position: i64,
-) -> Result<bool, sqlx::Error> {
-    // `ORDER BY … LIMIT 1` rather than `EXISTS`: the generic plan of the `EXISTS` form was a
-    // sequential scan of the whole table; this one is an index scan from the checkpoint.
-    let first: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM events
+) -> Result<Settled, sqlx::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS},
+                transaction_id < pg_snapshot_xmin(pg_current_snapshot()) AS settled
+           FROM events
           WHERE (transaction_id, position) > ($1::text::xid8, $2)
-            AND transaction_id >= pg_snapshot_xmin(pg_current_snapshot())
           ORDER BY events.transaction_id, events.position
-          LIMIT 1",
-    )
-    .bind(transaction_id.to_string())
-    .bind(position)
-    .fetch_optional(executor)
-    .await?;
-    Ok(first.is_some())
+          LIMIT $3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(transaction_id.to_string())
+        .bind(position)
+        .bind(limit.saturating_add(1))
+        .fetch_all(executor)
+        .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    let mut held_back = false;
+    for row in &rows {
+        if !row.try_get::<bool, _>("settled")? {
+            held_back = true;
+            break;
+        }
+        if events.len() as i64 == limit {
+            break;
+        }
+        events.push(from_row(row)?);
+    }
+    Ok(Settled { events, held_back })
 }
 
 /// Up to `limit` events after the checkpoint in `(transaction_id, position)` order, without
@@ -107,24 +122,9 @@ pub async fn all_after<'e>(
     position: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    read_after(executor, transaction_id, position, limit, false).await
-}
-
-async fn read_after<'e>(
-    executor: impl PgExecutor<'e>,
-    transaction_id: i64,
-    position: i64,
-    limit: i64,
-    below_horizon: bool,
-) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let horizon = if below_horizon {
-        "AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
-    } else {
-        ""
-    };
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events
-          WHERE (transaction_id, position) > ($1::text::xid8, $2) {horizon}
+          WHERE (transaction_id, position) > ($1::text::xid8, $2)
           ORDER BY events.transaction_id, events.position
           LIMIT $3"
     );

@@ -271,3 +271,43 @@ async fn commands_succeed_while_the_broker_drops_the_relay_and_nothing_is_lost()
     assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
     bus.finish(tasks).await;
 }
+
+/// A transaction that appends nothing (so never notifies) still holds the snapshot horizon: the
+/// relay, having found a committed event held back behind it, reads again on its own shortly
+/// after it ends, long before its poll interval.
+#[tokio::test]
+async fn an_event_held_back_by_a_transaction_that_appends_nothing_is_published_when_it_ends() {
+    let bus = bus().await;
+    let (channel, tap) = bus.tap("held").await;
+    let mut config = bus.relay_config();
+    config.poll_interval = Duration::from_secs(6);
+    let relay = tokio::spawn(relay::run(
+        bus.pool.clone(),
+        config,
+        bus.shutdown.subscribe(),
+    ));
+    let mut holder = bus.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut writer = bus.pool.acquire().await.unwrap();
+    insert_raw(&mut writer, "00000000-0000-0000-0000-0000000000c1", 1).await;
+    let early = bus
+        .drain(&channel, &tap, 1, Duration::from_millis(800))
+        .await;
+    assert!(early.is_empty(), "published past the horizon: {early:?}");
+    holder.commit().await.unwrap();
+    let published_within = std::time::Instant::now();
+    let messages = bus.drain(&channel, &tap, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        keys(&messages),
+        vec![("00000000-0000-0000-0000-0000000000c1".to_owned(), 1)]
+    );
+    assert!(
+        published_within.elapsed() < Duration::from_secs(4),
+        "waited for the poll: {:?}",
+        published_within.elapsed()
+    );
+    bus.finish(vec![relay]).await;
+}
