@@ -166,8 +166,8 @@ impl Stack {
     }
 }
 
-/// The scripted steps of a run, through the runner API; returns how many events it appended.
-pub async fn script(stack: &Stack, id: &str, thoughts: usize) -> usize {
+/// Starts run `id` and records `thoughts` thoughts (`thinking 0`, …) through the runner API.
+pub async fn start_and_think(stack: &Stack, id: &str, thoughts: usize) {
     let runner = stack.runner();
     let base = format!("/v1/runner/instances/{id}");
     stack
@@ -186,6 +186,13 @@ pub async fn script(stack: &Stack, id: &str, thoughts: usize) -> usize {
             )
             .await;
     }
+}
+
+/// The scripted steps of a run, through the runner API; returns how many events it appended.
+pub async fn script(stack: &Stack, id: &str, thoughts: usize) -> usize {
+    let runner = stack.runner();
+    let base = format!("/v1/runner/instances/{id}");
+    start_and_think(stack, id, thoughts).await;
     stack.post(&format!("{base}/tools"), &runner, json!({"call_id": "c1", "tool": "sql", "summary": "Querying costs", "arguments": {"query": "SECRET SQL"}})).await;
     stack
         .post(

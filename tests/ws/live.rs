@@ -47,18 +47,7 @@ async fn a_client_that_reconnects_with_its_last_sequence_misses_nothing_and_sees
     let id = stack.instance(&alice, "triage").await;
     let base = format!("/v1/runner/instances/{id}");
     let mut socket = stack.connect(0, &alice, None).await;
-    stack
-        .post(&format!("{base}/start"), &runner, json!({}))
-        .await;
-    for i in 0..5 {
-        stack
-            .post(
-                &format!("{base}/thoughts"),
-                &runner,
-                json!({"thought": format!("a{i}")}),
-            )
-            .await;
-    }
+    start_and_think(&stack, &id, 5).await;
     let first = read_steps(&mut socket, 3, Duration::from_secs(10)).await;
     assert_eq!(first.len(), 3);
     drop(socket);
@@ -307,5 +296,46 @@ async fn the_socket_refuses_missing_bad_and_non_user_tokens_before_the_upgrade()
             .await,
         101
     );
+    stack.stop().await;
+}
+
+/// A client that reconnects and resumes with a message (not in the handshake) while its run
+/// goes on: a live step that reaches the new connection before the resume must not make the
+/// server send the run from its first step (which the client already has).
+#[tokio::test]
+async fn a_client_that_resumes_by_message_after_a_live_step_sees_nothing_twice() {
+    let stack = stack(1).await;
+    stack.agent("triage").await;
+    let alice = stack.user("alice");
+    let runner = stack.runner();
+    let id = stack.instance(&alice, "triage").await;
+    let base = format!("/v1/runner/instances/{id}");
+    let mut first = stack.connect(0, &alice, None).await;
+    start_and_think(&stack, &id, 3).await;
+    // Sequences 2..=5 seen, then the client loses its connection.
+    let seen = read_steps(&mut first, 4, Duration::from_secs(10)).await;
+    assert_eq!(keys(&seen).last().map(|(_, s)| *s), Some(5));
+    drop(first);
+    let mut socket = stack.connect(0, &alice, None).await;
+    stack
+        .post(
+            &format!("{base}/thoughts"),
+            &runner,
+            json!({"thought": "b"}),
+        )
+        .await;
+    // Let the live step (sequence 6) reach the connection before the client's resume.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    socket
+        .send(Message::Text(
+            json!({"type": "resume", "instances": {id.clone(): 5}})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    let rest = read_steps(&mut socket, 2, Duration::from_secs(3)).await;
+    let sequences: Vec<i64> = keys(&rest).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(sequences, vec![6], "only the step the client missed, once");
     stack.stop().await;
 }

@@ -31,6 +31,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CLOSE_RESYNC: u16 = 4008;
 /// Most entries sent for one catch-up query.
 const CATCH_UP_LIMIT: i64 = 10_000;
+/// A connection opened without `resume` holds the live updates of runs with earlier steps it
+/// has sent nothing of until the client's first message, or for this long. A client that resumes with a message
+/// right after connecting would otherwise first be sent, from the timeline, every step of a
+/// run that got a live update before its resume arrived: steps it already has, again.
+const RESUME_GRACE: Duration = Duration::from_secs(1);
+/// Most live updates held during [`RESUME_GRACE`]; beyond, they are delivered at once.
+const HELD_LIMIT: usize = 10_000;
 
 /// A message to the client.
 #[derive(Debug, Serialize)]
@@ -88,20 +95,36 @@ pub async fn serve(
         last: HashMap::new(),
         since: Utc::now(),
     };
+    let mut held = resume.is_empty().then(Vec::new);
     if let Err(e) = conn.resume(resume).await {
         tracing::debug!(error = %e, "websocket closed during resume");
         return;
     }
+    let grace = tokio::time::sleep(RESUME_GRACE);
+    tokio::pin!(grace);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let mut last_heard = Instant::now();
     loop {
         let step: Result<bool, Closed> = tokio::select! {
             signal = registration.rx.recv() => match signal {
-                Some(Signal::Update(update)) => conn.deliver(&update).await.map(|()| true),
+                Some(Signal::Update(update)) => match held.as_mut() {
+                    // Only a run with earlier steps, none of them sent here, is held: a run's
+                    // first step (sequence 2) has nothing before it to send twice.
+                    Some(held)
+                        if held.len() < HELD_LIMIT
+                            && update.sequence > 2
+                            && !conn.last.contains_key(&update.instance_id) =>
+                    {
+                        held.push(update);
+                        Ok(true)
+                    }
+                    _ => conn.deliver(&update).await.map(|()| true),
+                },
                 Some(Signal::Resync) => conn.catch_up_all().await.map(|()| true),
                 None => Ok(false),
             },
+            () = &mut grace, if held.is_some() => conn.release(&mut held).await.map(|()| true),
             () = registration.overflow.notified() => {
                 tracing::warn!(user = %conn.user, "chat client too slow; asking it to resync");
                 let _ = conn.send_json(&Outgoing::ResyncRequired).await;
@@ -110,7 +133,12 @@ pub async fn serve(
             },
             incoming = stream.next() => {
                 last_heard = Instant::now();
-                conn.incoming(incoming).await
+                match conn.incoming(incoming).await {
+                    // The client has spoken (a resume, if it sends one, is applied): what was
+                    // held goes out now, less what the resume already sent.
+                    Ok(true) => conn.release(&mut held).await.map(|()| true),
+                    other => other,
+                }
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > IDLE_LIMIT {
@@ -281,6 +309,14 @@ impl Conn {
         for instance in instances {
             let after = self.last.get(&instance).copied().unwrap_or(1);
             self.fill(instance, after, i64::MAX).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers the live updates held since the connection opened, and holds no more.
+    async fn release(&mut self, held: &mut Option<Vec<Arc<ChatUpdate>>>) -> Result<(), Closed> {
+        for update in held.take().unwrap_or_default() {
+            self.deliver(&update).await?;
         }
         Ok(())
     }

@@ -51,7 +51,9 @@ pub struct WsQuery {
 /// "sequence", "at", "data"}` with display data only; `{"type":"error","code","message"}`;
 /// `{"type":"resync_required"}` before closing with code 4008 when the client fell behind.
 /// Client → server: `{"type":"resume","instances":{"<instance_id>": <last sequence seen>}}`
-/// sends what was missed, then live updates, with no gap and no duplicate.
+/// sends what was missed, then live updates, with no gap and no duplicate. On a connection
+/// opened without `resume`, live steps of runs with earlier steps are held until the client's
+/// first message (or for one second), so a resume sent right after connecting applies first.
 #[utoipa::path(get, path = "/v1/ws", tag = TAG,
     params(WsQuery),
     responses(
