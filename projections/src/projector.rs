@@ -4,8 +4,9 @@
 //! * Groups: the read models fed by the same aggregate type share one queue and one consumer
 //!   (Axon's processing group): a delivery is received, decoded and acknowledged once, and each
 //!   batch is applied to the group's read models concurrently, each in its own transaction with
-//!   its own offsets, status and dead letters. The batch is acknowledged once every read model
-//!   has it.
+//!   its own offsets, status and dead letters. The timeline announces its entries to the chat
+//!   exchange as soon as it has committed them; the batch is acknowledged once every read
+//!   model has it.
 //! * Idempotent: `projector_offsets` holds, per read model and aggregate, the last sequence
 //!   applied, updated in the same transaction as the read model. An event at or below it is
 //!   skipped.

@@ -32,9 +32,10 @@ pub const CLOSE_RESYNC: u16 = 4008;
 /// Most entries sent for one catch-up query.
 const CATCH_UP_LIMIT: i64 = 10_000;
 /// A connection opened without `resume` holds the live updates of runs with earlier steps it
-/// has sent nothing of until the client's first message, or for this long. A client that resumes with a message
-/// right after connecting would otherwise first be sent, from the timeline, every step of a
-/// run that got a live update before its resume arrived: steps it already has, again.
+/// has sent nothing of until the client's first message, or for this long. A client that
+/// resumes with a message right after connecting would otherwise first be sent, from the
+/// timeline, every step of a run that got a live update before its resume arrived: steps it
+/// already has, again.
 const RESUME_GRACE: Duration = Duration::from_secs(1);
 /// Most live updates held during [`RESUME_GRACE`]; beyond, they are delivered at once.
 const HELD_LIMIT: usize = 10_000;
