@@ -261,9 +261,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Relay => {
             let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
-            startup::prepare_database(&settings.database).await?;
-            let workers =
-                startup::Workers::start(&settings, startup::worker_pool(&settings), true, &[]);
+            let pool = startup::prepare_worker_database(&settings).await?;
+            let workers = startup::Workers::start(&settings, pool, true, &[]);
             startup::shutdown_signal().await;
             workers.stop().await;
             telemetry.shutdown();
@@ -272,9 +271,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Project { only } => {
             let telemetry = crate::telemetry::init_with_export(&settings.log, &settings.otlp)?;
             let groups = startup::parse_groups(&only)?;
-            startup::prepare_database(&settings.database).await?;
-            let workers =
-                startup::Workers::start(&settings, startup::worker_pool(&settings), false, &groups);
+            let pool = startup::prepare_worker_database(&settings).await?;
+            let workers = startup::Workers::start(&settings, pool, false, &groups);
             startup::shutdown_signal().await;
             workers.stop().await;
             telemetry.shutdown();

@@ -16,16 +16,17 @@ use tokio::sync::watch;
 
 use crate::config::{DatabaseSettings, JwtAlgorithm, Settings};
 
-/// Creates the database when missing (if allowed), connects and applies migrations.
+/// Creates the database when missing (if allowed), connects and applies migrations; returns
+/// the API's pool.
 pub async fn prepare_database(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    if settings.create_if_missing {
-        create_database(settings).await?;
-    }
     let pool = apex_commands::connect(settings.options(), settings.max_connections);
-    apex_commands::migrate(&pool)
-        .await
-        .with_context(|| format!("applying migrations to database {}", settings.name))?;
-    Ok(pool)
+    prepare(settings, pool).await
+}
+
+/// [`prepare_database`] for a process that runs only the relay or projectors: returns the
+/// workers' pool ([`worker_pool`]), which also applies the migrations.
+pub async fn prepare_worker_database(settings: &Settings) -> anyhow::Result<PgPool> {
+    prepare(&settings.database, worker_pool(settings)).await
 }
 
 /// The pool of the relay and the projectors (see [`apex_commands::connect_workers`]).
@@ -34,6 +35,16 @@ pub fn worker_pool(settings: &Settings) -> PgPool {
         settings.database.options(),
         settings.database.max_connections,
     )
+}
+
+async fn prepare(settings: &DatabaseSettings, pool: PgPool) -> anyhow::Result<PgPool> {
+    if settings.create_if_missing {
+        create_database(settings).await?;
+    }
+    apex_commands::migrate(&pool)
+        .await
+        .with_context(|| format!("applying migrations to database {}", settings.name))?;
+    Ok(pool)
 }
 
 async fn create_database(settings: &DatabaseSettings) -> anyhow::Result<()> {

@@ -106,13 +106,9 @@ impl Stack {
 
     /// Starts the relay (when `relay`) and the projector `groups`.
     pub(crate) fn workers(&mut self, relay: bool, groups: &[ProjectorGroup]) {
-        let pool = apex_commands::connect_workers(
-            self.settings.database.options(),
-            self.settings.database.max_connections,
-        );
         self.workers = Some(Workers::start_with_prefix(
             &self.settings,
-            pool,
+            startup::worker_pool(&self.settings),
             relay,
             groups,
             &self.queue_prefix,
