@@ -521,7 +521,7 @@ async fn apply_set_based(
     decoded: &[(&Delivery, &Decoded)],
     owners: &RunOwners,
 ) -> Result<Option<Vec<ChatUpdate>>, sqlx::Error> {
-    if model == ReadModel::Agents || decoded.len() < 2 {
+    if model == ReadModel::Agents || decoded.is_empty() {
         return Ok(None);
     }
     let batch_span = tracing::debug_span!(
