@@ -19,13 +19,26 @@
 //! own, so each gets exactly the answer it would have got alone. When the database is
 //! unreachable, every request gets that answer at once.
 //!
+//! Each writer appends on a connection of its own, outside the pool: a pooled connection costs
+//! a check (a round trip) when it is taken and another when it is given back, twice the
+//! batch's own statement. A connection that died since its last use, or that fails under a
+//! statement, leaves the outcome unknown — the statement may not have reached PostgreSQL, or
+//! may have committed with only the answer lost. The writer then reconnects and looks the
+//! batch's events up by their command's causation id: a request whose events are stored is
+//! answered as appended, the others are appended again. Should the lost statement still be
+//! running, the `events` primary key makes the second append wait for it and then refuse it,
+//! and the lookup is repeated, so a command is never stored twice nor reported lost when it
+//! was stored. A second connection failure answers `service_unavailable`.
+//!
 //! The checks are the store's own, as before: the `(aggregate_type, aggregate_id, sequence)`
 //! primary key catches a concurrent append, and a snapshot update that matches no row (another
 //! writer moved it) is a conflict — checked before the commit, so nothing of the batch lands.
 //! Requests are sorted by aggregate before the insert, so two processes' batches over the same
 //! aggregates take their row locks in the same order.
 
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use cqrs_es::Aggregate;
 use cqrs_es::persist::{
@@ -33,8 +46,11 @@ use cqrs_es::persist::{
 };
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::error::is_unavailable;
 
 /// Writer tasks appending batches concurrently: while one commits, another gathers.
 const WRITERS: usize = 2;
@@ -45,6 +61,10 @@ pub const MAX_BATCH_EVENTS: usize = 1024;
 /// Requests that may wait for a writer before `persist` callers wait to queue.
 const QUEUE: usize = 4096;
 
+/// How long a writer waits for a new connection before answering that the store is
+/// unavailable (the pool's acquire timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A snapshot change: (aggregate id, state, snapshot counter after the append).
 type SnapshotUpdate = (String, Value, usize);
 
@@ -54,21 +74,24 @@ struct Append {
     events: Vec<SerializedEvent>,
     snapshot: Option<SnapshotUpdate>,
     reply: oneshot::Sender<Result<(), PersistenceError>>,
+    /// An attempt that held this request failed with its connection: it may be stored.
+    uncertain: bool,
 }
 
 /// A postgres-es repository whose appends are group-committed (see the module docs).
 pub struct GroupCommitRepository {
     reads: PostgresEventRepository,
-    pool: PgPool,
+    options: PgConnectOptions,
     queue: OnceLock<mpsc::Sender<Append>>,
 }
 
 impl GroupCommitRepository {
-    /// A repository over the `events` and `snapshots` tables of `pool`.
+    /// A repository over the `events` and `snapshots` tables of `pool`: reads go through the
+    /// pool, each writer opens a connection of its own with the pool's options.
     pub fn new(pool: PgPool) -> Self {
         Self {
-            reads: PostgresEventRepository::new(pool.clone()),
-            pool,
+            options: (*pool.connect_options()).clone(),
+            reads: PostgresEventRepository::new(pool),
             queue: OnceLock::new(),
         }
     }
@@ -79,7 +102,11 @@ impl GroupCommitRepository {
             let (sender, receiver) = mpsc::channel(QUEUE);
             let receiver = Arc::new(Mutex::new(receiver));
             for _ in 0..WRITERS {
-                tokio::spawn(writer(self.pool.clone(), receiver.clone()));
+                let writer = Writer {
+                    options: self.options.clone(),
+                    conn: None,
+                };
+                tokio::spawn(write(writer, receiver.clone()));
             }
             sender
         })
@@ -125,6 +152,7 @@ impl PersistedEventRepository for GroupCommitRepository {
             events: events.to_vec(),
             snapshot: snapshot_update,
             reply,
+            uncertain: false,
         };
         self.queue()
             .send(append)
@@ -151,8 +179,92 @@ fn stopped(what: &'static str) -> PersistenceError {
     PersistenceError::UnknownError(what.into())
 }
 
+/// A writer's connection, opened when first needed and dropped when it fails.
+struct Writer {
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+}
+
+impl Writer {
+    async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.options))
+                    .await
+                    .map_err(|_| {
+                        sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "connecting to PostgreSQL timed out",
+                        ))
+                    })??
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// Forgets the connection after it failed.
+    fn failed(&mut self, error: &sqlx::Error) {
+        if is_unavailable(error) {
+            self.conn = None;
+        }
+    }
+
+    /// The positions in `requests` of those whose first event is stored under their own
+    /// command (the same aggregate, sequence and causation id).
+    async fn stored(&mut self, requests: &[Append]) -> Result<HashSet<usize>, sqlx::Error> {
+        let firsts: Vec<_> = requests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.events.first().map(|e| (i, r.aggregate_type, e)))
+            .collect();
+        let result = match self.connection().await {
+            Ok(conn) => {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT k.i FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[],
+                                           $5::text[]) AS k(i, kind, id, seq, causation)
+                       JOIN events e ON e.aggregate_type = k.kind AND e.aggregate_id = k.id
+                                    AND e.sequence = k.seq AND e.causation_id::text = k.causation",
+                )
+                .bind(firsts.iter().map(|f| f.0 as i64).collect::<Vec<_>>())
+                .bind(firsts.iter().map(|f| f.1).collect::<Vec<_>>())
+                .bind(
+                    firsts
+                        .iter()
+                        .map(|f| f.2.aggregate_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    firsts
+                        .iter()
+                        .map(|f| f.2.sequence as i64)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    firsts
+                        .iter()
+                        .map(|f| {
+                            f.2.metadata
+                                .get("causation_id")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(conn)
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+        Ok(result?.into_iter().map(|i| i as usize).collect())
+    }
+}
+
 /// Takes batches off the queue and appends them until every sender is gone.
-async fn writer(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Append>>>) {
+async fn write(mut writer: Writer, queue: Arc<Mutex<mpsc::Receiver<Append>>>) {
     loop {
         let batch = {
             let mut queue = queue.lock().await;
@@ -168,19 +280,19 @@ async fn writer(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Append>>>) {
             }
             batch
         };
-        append_batch(&pool, batch).await;
+        append_batch(&mut writer, batch).await;
     }
 }
 
 /// Appends `batch` in one transaction, or each request alone when the batch fails for a
 /// reason that may belong to one of them.
-async fn append_batch(pool: &PgPool, mut batch: Vec<Append>) {
+async fn append_batch(writer: &mut Writer, mut batch: Vec<Append>) {
     metrics::histogram!("apex_append_batch_commands").record(batch.len() as f64);
     if batch.len() > 1 {
         batch.sort_by(|a, b| {
             (a.aggregate_type, aggregate_id(a)).cmp(&(b.aggregate_type, aggregate_id(b)))
         });
-        match append(pool, &batch).await {
+        match append_settled(writer, &mut batch).await {
             Ok(()) => {
                 for request in batch {
                     let _ = request.reply.send(Ok(()));
@@ -208,11 +320,82 @@ async fn append_batch(pool: &PgPool, mut batch: Vec<Append>) {
         }
     }
     for request in batch {
-        let result = append(pool, std::slice::from_ref(&request))
+        let mut alone = vec![request];
+        let result = append_settled(writer, &mut alone)
             .await
             .map_err(Failure::into_persistence);
-        let _ = request.reply.send(result);
+        // A request found stored was answered (and taken out) on the way.
+        if let Some(request) = alone.pop() {
+            let _ = request.reply.send(result);
+        }
     }
+}
+
+/// Appends `requests` in one transaction, settling an unknown outcome (see the module docs):
+/// requests found stored are answered and taken out of `requests` on the way; the error is
+/// that of the rest.
+async fn append_settled(writer: &mut Writer, requests: &mut Vec<Append>) -> Result<(), Failure> {
+    let mut connection_failures = 0;
+    loop {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        // Failing to connect sends nothing: that outcome is known.
+        let conn = writer.connection().await?;
+        let error = match append(conn, requests).await {
+            Ok(()) => return Ok(()),
+            Err(Failure::Database(e)) => {
+                writer.failed(&e);
+                e
+            }
+            Err(other) => return Err(other),
+        };
+        let lost = is_unavailable(&error);
+        if lost {
+            connection_failures += 1;
+            for request in requests.iter_mut() {
+                request.uncertain = true;
+            }
+            if connection_failures > 1 {
+                tracing::warn!(error = %error, commands = requests.len(), "append failed on a new connection too: its outcome is unknown");
+                return Err(error.into());
+            }
+            tracing::warn!(error = %error, commands = requests.len(), "append failed with its connection; settling it on a new one");
+            metrics::counter!("apex_append_unsettled_total").increment(1);
+        } else if !(is_unique_violation(&error) && requests.iter().any(|r| r.uncertain)) {
+            return Err(error.into());
+        }
+        // Which of them did land (by the lost statement, committed after all)?
+        let stored = match writer.stored(requests).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up an append whose outcome is unknown");
+                return Err(error.into());
+            }
+        };
+        if stored.is_empty() && !lost {
+            // The conflict is another writer's.
+            return Err(error.into());
+        }
+        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(requests)
+            .into_iter()
+            .enumerate()
+            .partition(|(i, _)| stored.contains(i));
+        if !done.is_empty() {
+            tracing::info!(
+                commands = done.len(),
+                "appends found stored after their connection failed"
+            );
+        }
+        for (_, request) in done {
+            let _ = request.reply.send(Ok(()));
+        }
+        *requests = rest.into_iter().map(|(_, r)| r).collect();
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "23505"))
 }
 
 fn aggregate_id(append: &Append) -> &str {
@@ -240,9 +423,7 @@ impl Failure {
     fn into_persistence(self) -> PersistenceError {
         match self {
             Failure::SnapshotMoved => PersistenceError::OptimisticLockError,
-            Failure::Database(sqlx::Error::Database(db))
-                if db.code().is_some_and(|c| c == "23505") =>
-            {
+            Failure::Database(e) if is_unique_violation(&e) => {
                 PersistenceError::OptimisticLockError
             }
             Failure::Database(e @ (sqlx::Error::Io(_) | sqlx::Error::Tls(_))) => {
@@ -270,7 +451,7 @@ impl std::error::Error for SharedError {
 }
 
 /// One transaction: every event of `requests`, then their snapshot changes.
-async fn append(pool: &PgPool, requests: &[Append]) -> Result<(), Failure> {
+async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Failure> {
     let count: usize = requests.iter().map(|r| r.events.len()).sum();
     let (mut types, mut ids, mut sequences, mut names, mut versions, mut payloads, mut metadata) = (
         Vec::with_capacity(count),
@@ -330,10 +511,10 @@ async fn append(pool: &PgPool, requests: &[Append]) -> Result<(), Failure> {
     .bind(&created.counter)
     .bind(&created.states);
     if moved.ids.is_empty() {
-        insert.execute(pool).await?;
+        insert.execute(&mut *conn).await?;
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     insert.execute(&mut *tx).await?;
     let updated = sqlx::query(
         "UPDATE snapshots s

@@ -430,3 +430,81 @@ async fn a_workers_connection_that_died_while_idle_is_replaced_before_it_is_used
         .expect("the dead connection is replaced, not handed out");
     assert_ne!(after, pid);
 }
+
+/// A command whose connection is cut while PostgreSQL executes its append: the statement
+/// commits, its answer is lost. The writer reconnects, finds the command's events stored under
+/// its causation id (after waiting, on the primary key, for the lost statement to end) and
+/// answers 200; the thought is stored once.
+#[tokio::test]
+async fn a_command_whose_answer_is_lost_with_its_connection_is_stored_once_and_answered() {
+    let (mut proxy, app, runs) = setup().await;
+    let id = runs.running;
+    // Holds the marked thought's append inside PostgreSQL long enough to cut its connection.
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_slow_append() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.payload::text LIKE '%answer lost%' THEN PERFORM pg_sleep(1); END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_slow_append BEFORE INSERT ON events
+             FOR EACH ROW EXECUTE FUNCTION test_slow_append();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let before = app.event_count().await;
+
+    let command = {
+        let (client, url, token) = (
+            app.client.clone(),
+            app.url(&format!("/v1/runner/instances/{id}/thoughts")),
+            app.runner(),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"thought": "answer lost"}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let started = Instant::now();
+    loop {
+        let sleeping: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE datname = current_database() AND wait_event = 'PgSleep')",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if sleeping {
+            break;
+        }
+        assert!(
+            started.elapsed() < ANSWER_WITHIN,
+            "the append never reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.cut().await;
+    proxy.restore().await;
+
+    let r = command.await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events
+          WHERE aggregate_id = $1 AND payload::text LIKE '%answer lost%'",
+    )
+    .bind(&id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 1, "the thought is stored exactly once");
+    assert_eq!(app.event_count().await, before + 1);
+    // The run goes on from there.
+    let r = app.think(&id, "after the lost answer").await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    assert_eq!(app.event_count().await, before + 2);
+}
