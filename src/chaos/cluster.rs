@@ -190,6 +190,22 @@ impl Cluster {
         Ok(())
     }
 
+    /// PostgreSQL terminates every connection to the cluster's database (but the one asking):
+    /// the API replicas' append writers and pools, the relays' lock connections and listeners
+    /// and the projectors' pools all lose theirs under load, with statements in flight.
+    pub async fn drop_database_connections(&self) -> anyhow::Result<()> {
+        let dropped: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("terminating the cluster's database connections")?;
+        println!("fault: PostgreSQL dropped {dropped} connections");
+        Ok(())
+    }
+
     /// Restarts any process that exited.
     pub async fn ensure_running(&mut self) -> anyhow::Result<()> {
         for i in 0..self.procs.len() {

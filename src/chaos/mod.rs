@@ -3,8 +3,9 @@
 //!
 //! Topology (child processes of this binary, own database, own RabbitMQ vhost): two API
 //! replicas, two relays (one active, one standing by), two projector processes. During the
-//! load the injector SIGKILLs a random relay, projector or API replica and restarts it, and
-//! restarts the RabbitMQ application once. Afterwards, at quiescence, it checks:
+//! load the injector SIGKILLs a random relay, projector or API replica and restarts it,
+//! restarts the RabbitMQ application once, and has PostgreSQL terminate every connection to the
+//! cluster's database once. Afterwards, at quiescence, it checks:
 //! * every accepted command (2xx) has exactly one event, of the right type, at the sequence
 //!   its answer named (commands are retried with their `Idempotency-Key`);
 //! * the read models equal a fresh replay of the store (every event in every read model once);
@@ -35,7 +36,8 @@ pub struct ChaosOptions {
     pub workers: usize,
     /// Distinct users (each with a chat client).
     pub users: usize,
-    /// Process kills to inject (plus one RabbitMQ restart).
+    /// Process kills to inject (plus one RabbitMQ restart and one drop of every database
+    /// connection).
     pub kills: usize,
 }
 
@@ -126,6 +128,7 @@ async fn exercise(cluster: &mut Cluster, options: &ChaosOptions) -> anyhow::Resu
     let mut faults = 0u64;
     let mut kills_done = 0;
     let mut broker_restarted = false;
+    let mut connections_dropped = false;
     // Faults are spread evenly over the run's progress (time or commands, whichever ends it),
     // so every one of them lands under load.
     let slots = (options.kills + 2) as f64;
@@ -142,6 +145,11 @@ async fn exercise(cluster: &mut Cluster, options: &ChaosOptions) -> anyhow::Resu
             broker_restarted = true;
             faults += 1;
         }
+        if !connections_dropped && kills_done * 4 >= options.kills * 3 {
+            cluster.drop_database_connections().await?;
+            connections_dropped = true;
+            faults += 1;
+        }
     }
     // Whatever the schedule, the run injects everything it promised.
     while kills_done < options.kills {
@@ -151,6 +159,10 @@ async fn exercise(cluster: &mut Cluster, options: &ChaosOptions) -> anyhow::Resu
     }
     if !broker_restarted {
         cluster.restart_broker().await?;
+        faults += 1;
+    }
+    if !connections_dropped {
+        cluster.drop_database_connections().await?;
         faults += 1;
     }
     let load_seconds = started.elapsed().as_secs_f64();
