@@ -6,8 +6,9 @@
 //! * Delivery: each batch is published with publisher confirms, pipelined; the checkpoint (one
 //!   row) advances only after every message of the batch was confirmed. A crash between
 //!   publish and checkpoint republishes the batch: consumers deduplicate by aggregate sequence.
-//! * One publisher: a session-level advisory lock, held on the connection that also writes
-//!   the checkpoint. A standby replica waits for the lock and takes over when the holder dies.
+//! * One publisher: a session-level advisory lock, held on the connection that also reads the
+//!   events and writes the checkpoint (one loop does both, in turn; a pooled connection would
+//!   cost a check when it is given back, a round trip per read). A standby replica waits for the lock and takes over when the holder dies.
 //! * Latency: `LISTEN apex_events` wakes the relay when a transaction that appended commits;
 //!   a poll interval is the safety net.
 
@@ -147,22 +148,13 @@ async fn session(
         projector::declare(&channel, &projectors, group).await?;
     }
 
-    let result = publish_loop(
-        pool,
-        config,
-        &mut lock_conn,
-        &mut listener,
-        &channel,
-        shutdown,
-    )
-    .await;
+    let result = publish_loop(config, &mut lock_conn, &mut listener, &channel, shutdown).await;
     let _ = connection.close(200, "relay stopping".into()).await;
     let _ = lock_conn.close().await;
     result
 }
 
 async fn publish_loop(
-    pool: &PgPool,
     config: &RelayConfig,
     lock_conn: &mut PgConnection,
     listener: &mut PgListener,
@@ -195,7 +187,7 @@ async fn publish_loop(
             let store::Settled {
                 events: batch,
                 held_back,
-            } = store::after_checkpoint(pool, xid, position, config.batch_size).await?;
+            } = store::after_checkpoint(&mut *lock_conn, xid, position, config.batch_size).await?;
             let full = batch.len() as i64 == config.batch_size;
             if let Some(last) = batch.last() {
                 let confirms = send_batch(channel, &config.amqp.exchange, &batch).await?;
