@@ -31,7 +31,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use sqlx::{PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -302,6 +303,9 @@ async fn session(
         )
         .await?;
     tracing::info!(projector = group.name(), queue, "projector consuming");
+    // Each read model's batch transactions run on a connection it keeps (see `process`).
+    let mut connections: Vec<Option<PoolConnection<Postgres>>> =
+        group.models().iter().map(|_| None).collect();
     let result = loop {
         let first = tokio::select! {
             next = consumer.next() => next,
@@ -321,11 +325,13 @@ async fn session(
         }
         let decoded: Vec<_> = batch.iter().map(|d| (d, decode(&d.data))).collect();
         let chat = chat_channel.as_ref();
-        let results = futures::future::join_all(group.models().iter().map(|model| {
+        let models = group.models().iter().zip(connections.iter_mut());
+        let results = futures::future::join_all(models.map(|(model, connection)| {
             let decoded = &decoded;
             let dlq = &dlq_channel;
             async move {
-                let applied = process(pool, *model, config, dlq, decoded, owners).await?;
+                let applied =
+                    process(pool, connection, *model, config, dlq, decoded, owners).await?;
                 // The timeline announces as soon as it has committed, without waiting for
                 // the group's other read models.
                 if *model == ReadModel::Timeline
@@ -385,7 +391,7 @@ async fn drain_legacy(
     {
         let delivery = &message.delivery;
         let decoded = [(delivery, decode(&delivery.data))];
-        process(pool, model, config, dlq, &decoded, owners).await?;
+        process(pool, &mut None, model, config, dlq, &decoded, owners).await?;
         delivery.ack(BasicAckOptions::default()).await?;
         drained += 1;
     }
@@ -459,8 +465,17 @@ fn covered(stored: &StoredEvent, outcome: Outcome) -> Option<(uuid::Uuid, i64, i
 /// Applies a batch of deliveries to one read model (all of them are acknowledged by the
 /// caller afterwards). Returns what it applied or found already applied (for the chat
 /// announcement).
+///
+/// The batch's transaction runs on `connection`, which the read model keeps from batch to
+/// batch (taken from the pool when it has none): sqlx checks every connection given back to
+/// the pool with a round trip, once per batch. When that transaction fails the connection is
+/// closed, which makes PostgreSQL roll it back at once: a failure on this side of the
+/// connection (a gap the store cannot fill, say) leaves the transaction open with its offset
+/// locks, and a connection kept would hold them until its next use while the per-event retry
+/// below waits for them (a connection given back is rolled back by the pool's check).
 async fn process(
     pool: &PgPool,
+    connection: &mut Option<PoolConnection<Postgres>>,
     model: ReadModel,
     config: &ProjectorConfig,
     dlq: &Channel,
@@ -480,7 +495,11 @@ async fn process(
     // Fast path: the whole batch in one transaction; set-based when it continues every stream
     // exactly (no duplicate, no gap), event by event otherwise.
     let whole: Result<Applied, sqlx::Error> = async {
-        let mut tx = begin(pool, model).await?;
+        let conn = match connection.take() {
+            Some(conn) => conn,
+            None => pool.acquire().await?,
+        };
+        let mut tx = begin_on(connection.insert(conn), model).await?;
         if let Some(entries) = apply_set_based(&mut tx, model, &decoded, owners).await? {
             tx.commit().await?;
             metrics::counter!("apex_projector_processed_total", "projector" => model.name())
@@ -499,6 +518,9 @@ async fn process(
     match whole {
         Ok(applied) => return Ok(applied),
         Err(e) => {
+            if let Some(mut conn) = connection.take() {
+                conn.close_on_drop();
+            }
             tracing::warn!(projector = model.name(), error = %e, size = decoded.len(), "batch failed; applying one by one")
         }
     }
@@ -627,13 +649,24 @@ async fn begin(
     pool: &PgPool,
     model: ReadModel,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    // One round trip: the lock is taken by the statement that begins the transaction (the key
-    // is a constant of the read model).
-    pool.begin_with(format!(
+    pool.begin_with(begin_statement(model)).await
+}
+
+/// [`begin`] on a connection the caller holds.
+async fn begin_on(
+    conn: &mut PgConnection,
+    model: ReadModel,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    sqlx::Connection::begin_with(conn, begin_statement(model)).await
+}
+
+/// One round trip: the lock is taken by the statement that begins the transaction (the key is
+/// a constant of the read model).
+fn begin_statement(model: ReadModel) -> String {
+    format!(
         "BEGIN; SELECT pg_advisory_xact_lock_shared({})",
         model_lock_key(model)
-    ))
-    .await
+    )
 }
 
 /// Applies one event with its bookkeeping, inside the caller's transaction, in a span that

@@ -50,6 +50,31 @@ async fn inject_into(
     }
 }
 
+/// The rows of `sql`, read every 50 ms until there are `count` of them (10 s at most).
+async fn rows_when<T>(bus: &Bus, sql: &'static str, count: usize) -> Vec<T>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        rows = sqlx::query_as(sql).fetch_all(&bus.pool).await.unwrap();
+        if rows.len() == count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rows
+}
+
+/// Publishes `body` straight into the `instance` group's queue.
+async fn publish_to_instances(bus: &Bus, body: &[u8], properties: BasicProperties) {
+    let channel = apex_projections::amqp::confirm_channel(&bus.connection)
+        .await
+        .unwrap();
+    let queue = bus.projector_config().queue(ProjectorGroup::Instance);
+    publish(&channel, &queue, body, properties).await;
+}
+
 async fn publish(channel: &lapin::Channel, queue: &str, body: &[u8], properties: BasicProperties) {
     let confirm = channel
         .basic_publish(
@@ -187,17 +212,7 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
     bus.declare_projectors().await;
     bus.agent("triage", &["search"]).await;
     let id = bus.run("user-1", "triage").await;
-    let channel = apex_projections::amqp::confirm_channel(&bus.connection)
-        .await
-        .unwrap();
-    let queue = bus.projector_config().queue(ProjectorGroup::Instance);
-    publish(
-        &channel,
-        &queue,
-        b"this is not json",
-        BasicProperties::default(),
-    )
-    .await;
+    publish_to_instances(&bus, b"this is not json", BasicProperties::default()).await;
     let unknown = serde_json::json!({
         "specversion": "1.0", "id": uuid::Uuid::new_v4(), "source": "/apex/event-store",
         "type": "apex.instance.teleported.v1", "subject": id, "time": "2026-01-01T00:00:00Z",
@@ -205,9 +220,8 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
         "data": {}, "sequence": 3, "position": 99,
         "correlationid": uuid::Uuid::new_v4(), "causationid": uuid::Uuid::new_v4()
     });
-    publish(
-        &channel,
-        &queue,
+    publish_to_instances(
+        &bus,
         unknown.to_string().as_bytes(),
         BasicProperties::default(),
     )
@@ -293,6 +307,53 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
     bus.finish(tasks).await;
 }
 
+/// A batch whose transaction fails on the projector's side of it (a gap the store cannot fill:
+/// an event published with a sequence the store does not have) is applied again event by
+/// event. Those retries take the same offset rows the failed transaction had locked, so that
+/// transaction must be gone by then, not left open on the read model's connection: everything
+/// before the bad event projects, and the bad event is dead-lettered by every read model.
+#[tokio::test]
+async fn a_batch_whose_transaction_fails_is_applied_event_by_event_without_waiting_on_itself() {
+    let bus = bus().await;
+    bus.declare_projectors().await;
+    bus.agent("triage", &["search"]).await;
+    let id = bus.run("user-1", "triage").await;
+    bus.think(&id, 2).await;
+    let mut conn = bus.pool.acquire().await.unwrap();
+    let events = apex_projections::store::aggregate_range(&mut conn, "instance", &id, 1, 4)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 4);
+    inject(&bus, ProjectorGroup::Instance, &id, &[1, 2, 3, 4]).await;
+    // Sequence 4 again, published as sequence 9: 5 to 8 are nowhere.
+    let (_, body, properties) = apex_projections::relay::encode(&events[3]).unwrap();
+    let mut cloud_event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    cloud_event["sequence"] = 9.into();
+    cloud_event["id"] = uuid::Uuid::new_v4().to_string().into();
+    publish_to_instances(&bus, cloud_event.to_string().as_bytes(), properties).await;
+
+    let tasks = bus.spawn_projectors();
+    let dead: Vec<(String, i64)> = rows_when(
+        &bus,
+        "SELECT projector, sequence FROM dead_letters ORDER BY projector",
+        4,
+    )
+    .await;
+    let models = ["agent_stats", "instances", "timeline", "usage"];
+    assert_eq!(
+        dead,
+        models.map(|m| (m.to_owned(), 9_i64)).to_vec(),
+        "the read models stalled on the failed batch"
+    );
+    let timeline: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM rm_timeline ORDER BY sequence")
+            .fetch_all(&bus.pool)
+            .await
+            .unwrap();
+    assert_eq!(timeline, vec![1, 2, 3, 4]);
+    bus.finish(tasks).await;
+}
+
 #[tokio::test]
 async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_deleted() {
     let bus = bus().await;
@@ -317,18 +378,13 @@ async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_d
     inject_into(&bus, &legacy, ProjectorGroup::Instance, &id, &[1, 2, 3, 4]).await;
 
     let tasks = bus.spawn_projectors();
-    let mut timeline: Vec<i64> = Vec::new();
-    for _ in 0..200 {
-        timeline = sqlx::query_scalar("SELECT sequence FROM rm_timeline ORDER BY sequence")
-            .fetch_all(&bus.pool)
-            .await
-            .unwrap();
-        if timeline.len() == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(timeline, vec![1, 2, 3, 4]);
+    let timeline: Vec<(i64,)> = rows_when(
+        &bus,
+        "SELECT sequence FROM rm_timeline ORDER BY sequence",
+        4,
+    )
+    .await;
+    assert_eq!(timeline, vec![(1,), (2,), (3,), (4,)]);
     // The old queue fed only its own read model.
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_instances")
         .fetch_one(&bus.pool)
