@@ -8,7 +8,8 @@
 //!   publish and checkpoint republishes the batch: consumers deduplicate by aggregate sequence.
 //! * One publisher: a session-level advisory lock, held on the connection that also reads the
 //!   events and writes the checkpoint (one loop does both, in turn; a pooled connection would
-//!   cost a check when it is given back, a round trip per read). A standby replica waits for the lock and takes over when the holder dies.
+//!   cost a check when it is given back, a round trip per read). A standby replica waits for
+//!   the lock and takes over when the holder dies.
 //! * Latency: `LISTEN apex_events` wakes the relay when a transaction that appended commits;
 //!   a poll interval is the safety net.
 
