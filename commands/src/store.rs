@@ -37,11 +37,12 @@ pub fn connect(options: PgConnectOptions, max_connections: u32) -> PgPool {
 /// one in steady use is not.
 pub const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
 
-/// [`connect`] for the relay and the projectors, which retry a failed unit of work anyway:
-/// the check before every use doubled the round trips of their single-statement units of work
-/// (a relay read, the timeline's batch, a transaction's start), so only a connection idle for
-/// [`CHECK_IDLE_AFTER`] is checked (and a dead one dropped and replaced). One that died more
-/// recently fails its statement, which the caller retries as any transient failure.
+/// [`connect`] for the relay and the projectors, which retry a failed unit of work anyway: a
+/// check before every use doubled the round trips of their short units of work, so only a
+/// connection idle for [`CHECK_IDLE_AFTER`] is checked (and a dead one dropped and replaced).
+/// One that died more recently fails its statement, which the caller retries as any transient
+/// failure. Their hottest work does not come back to the pool between units at all: the relay
+/// reads on its lock connection, and each read model keeps one connection for its batches.
 pub fn connect_workers(options: PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)

@@ -107,6 +107,16 @@ impl Stack {
         body
     }
 
+    /// Records `thought` on run `id` through the runner API.
+    pub async fn think(&self, id: &str, thought: &str) {
+        self.post(
+            &format!("/v1/runner/instances/{id}/thoughts"),
+            &self.runner(),
+            json!({ "thought": thought }),
+        )
+        .await;
+    }
+
     pub async fn agent(&self, id: &str) {
         let admin = self.token("admin-1", ActorRole::Admin, None);
         self.post(

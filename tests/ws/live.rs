@@ -52,13 +52,7 @@ async fn a_client_that_reconnects_with_its_last_sequence_misses_nothing_and_sees
     assert_eq!(first.len(), 3);
     drop(socket);
     for i in 0..10 {
-        stack
-            .post(
-                &format!("{base}/thoughts"),
-                &runner,
-                json!({"thought": format!("b{i}")}),
-            )
-            .await;
+        stack.think(&id, &format!("b{i}")).await;
     }
     let last_seen = first.last().unwrap()["sequence"].as_i64().unwrap();
     let mut socket = stack
@@ -208,22 +202,10 @@ async fn a_client_that_never_reads_does_not_delay_the_others() {
     // Flood Alice's run with large thoughts; measure Bob's latency meanwhile.
     for round in 0..40 {
         for _ in 0..25 {
-            stack
-                .post(
-                    &format!("/v1/runner/instances/{alice_run}/thoughts"),
-                    &runner,
-                    json!({"thought": big}),
-                )
-                .await;
+            stack.think(&alice_run, &big).await;
         }
         let sent = Instant::now();
-        stack
-            .post(
-                &format!("/v1/runner/instances/{bob_run}/thoughts"),
-                &runner,
-                json!({"thought": format!("bob {round}")}),
-            )
-            .await;
+        stack.think(&bob_run, &format!("bob {round}")).await;
         let got = read_steps(
             &mut fast,
             if round == 0 { 2 } else { 1 },
@@ -307,9 +289,7 @@ async fn a_client_that_resumes_by_message_after_a_live_step_sees_nothing_twice()
     let stack = stack(1).await;
     stack.agent("triage").await;
     let alice = stack.user("alice");
-    let runner = stack.runner();
     let id = stack.instance(&alice, "triage").await;
-    let base = format!("/v1/runner/instances/{id}");
     let mut first = stack.connect(0, &alice, None).await;
     start_and_think(&stack, &id, 3).await;
     // Sequences 2..=5 seen, then the client loses its connection.
@@ -317,13 +297,7 @@ async fn a_client_that_resumes_by_message_after_a_live_step_sees_nothing_twice()
     assert_eq!(keys(&seen).last().map(|(_, s)| *s), Some(5));
     drop(first);
     let mut socket = stack.connect(0, &alice, None).await;
-    stack
-        .post(
-            &format!("{base}/thoughts"),
-            &runner,
-            json!({"thought": "b"}),
-        )
-        .await;
+    stack.think(&id, "b").await;
     // Let the live step (sequence 6) reach the connection before the client's resume.
     tokio::time::sleep(Duration::from_millis(400)).await;
     socket
