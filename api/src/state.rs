@@ -23,7 +23,7 @@ pub struct AppState {
     /// Renders the Prometheus metrics.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The broker, checked by the readiness probe.
-    pub broker: apex_projections::amqp::AmqpConfig,
+    pub broker: Arc<apex_projections::amqp::AmqpConfig>,
     /// Per-principal command rate limits of this replica.
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
 }
