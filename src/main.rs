@@ -3,6 +3,8 @@
 
 use clap::Parser;
 
+/// jemalloc: under load glibc's allocator took about 40 % of Apex's CPU, most of it outside its
+/// per-thread cache, in its arenas (docs/benchmarks.md, change 33).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
