@@ -114,7 +114,6 @@ impl Application {
             pool,
             auth: Arc::new(authenticator(settings)?),
             body_limit: settings.http.body_limit_bytes,
-            broker: Arc::new(settings.amqp.config()),
             metrics: apex_api::metrics::install(),
             hub: apex_api::ws::hub::Hub::start(settings.amqp.config()),
             rate_limiter: Arc::new(apex_api::rate_limit::RateLimiter::new(

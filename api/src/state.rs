@@ -22,8 +22,6 @@ pub struct AppState {
     pub hub: Arc<crate::ws::hub::Hub>,
     /// Renders the Prometheus metrics.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// The broker, checked by the readiness probe.
-    pub broker: Arc<apex_projections::amqp::AmqpConfig>,
     /// Per-principal command rate limits of this replica.
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
 }

@@ -3,6 +3,8 @@
 //! named exchange and queues.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "../support/broker.rs"]
+mod broker;
 mod helpers;
 
 mod projector;

@@ -10,7 +10,8 @@ use rand_like::jitter_ms;
 use serde_json::Value;
 use sqlx::Connection;
 
-use crate::helpers::{bus, close_broker_connections, insert_raw};
+use crate::broker::close_broker_connections;
+use crate::helpers::{bus, insert_raw};
 
 mod rand_like {
     /// A cheap pseudo-random delay from a seed.

@@ -20,6 +20,8 @@ pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub struct Stack {
     pub settings: Settings,
     pub replicas: Vec<String>,
+    /// Each replica's state (its hub, its pool).
+    pub states: Vec<apex_api::state::AppState>,
     pub client: Client,
     pub workers: Option<Workers>,
 }
@@ -53,12 +55,13 @@ fn settings() -> Settings {
 pub async fn stack(replicas: usize) -> Stack {
     let settings = settings();
     let pool = startup::prepare_database(&settings.database).await.unwrap();
-    let mut addresses = Vec::new();
+    let (mut addresses, mut states) = (Vec::new(), Vec::new());
     for _ in 0..replicas {
         let app = Application::build_with_pool(&settings, pool.clone())
             .await
             .unwrap();
         addresses.push(app.local_addr().unwrap().to_string());
+        states.push(app.state.clone());
         tokio::spawn(app.run_until(std::future::pending()));
     }
     let workers = Workers::start_with_prefix(
@@ -71,6 +74,7 @@ pub async fn stack(replicas: usize) -> Stack {
     Stack {
         settings,
         replicas: addresses,
+        states,
         client: Client::new(),
         workers: Some(workers),
     }

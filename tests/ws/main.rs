@@ -2,9 +2,12 @@
 //! RabbitMQ → timeline projector → chat exchange → API replica → WebSocket client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "../support/broker.rs"]
+mod broker;
 mod helpers;
 
 mod hostile;
 mod live;
 mod metrics;
+mod readiness;
 mod traces;

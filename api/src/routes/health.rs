@@ -50,7 +50,7 @@ pub async fn live() -> Json<Health> {
     })
 }
 
-/// The process can serve: PostgreSQL and RabbitMQ answer.
+/// The process can serve: PostgreSQL answers and the replica consumes chat updates from RabbitMQ.
 #[utoipa::path(get, path = "/health/ready", tag = TAG,
     responses(
         (status = 200, description = "Every dependency answers", body = Health),
@@ -70,21 +70,13 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Health>) 
         }
         Err(_) => "error: timed out".to_owned(),
     };
-    let broker = tokio::time::timeout(
-        Duration::from_secs(2),
-        apex_projections::amqp::connect(&state.broker, "apex-readiness"),
-    )
-    .await;
-    let rabbitmq = match broker {
-        Err(_) => "error: timed out".to_owned(),
-        Ok(Ok(connection)) => {
-            let _ = connection.close(200, "readiness probe".into()).await;
-            "ok".to_owned()
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: RabbitMQ check failed");
-            format!("error: {e}")
-        }
+    // The replica's own broker session, not a probe connection: what readiness promises is
+    // that live updates reach this replica's sockets.
+    let rabbitmq = if state.hub.is_consuming() {
+        "ok".to_owned()
+    } else {
+        tracing::warn!("readiness: the chat hub is not consuming from RabbitMQ");
+        "error: not consuming chat updates from RabbitMQ (reconnecting)".to_owned()
     };
     let ok = postgres == "ok" && rabbitmq == "ok";
     let health = Health {

@@ -9,7 +9,7 @@
 //!   to catch up from the timeline read model (updates published meanwhile were missed).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub struct Hub {
     queue: String,
     users: Mutex<HashMap<String, HashMap<u64, Handle>>>,
     next_id: AtomicU64,
+    /// Whether a broker session is consuming the replica's queue now.
+    consuming: AtomicBool,
     /// Counters.
     pub stats: HubStats,
 }
@@ -92,6 +94,7 @@ impl Hub {
             queue: format!("apex.chat.replica.{}", uuid::Uuid::new_v4().simple()),
             users: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            consuming: AtomicBool::new(false),
             stats: HubStats::default(),
         });
         tokio::spawn(hub.clone().run());
@@ -123,6 +126,18 @@ impl Hub {
             rx,
             overflow,
         }
+    }
+
+    /// The replica's queue (`apex.chat.replica.<id>`), also in its broker connection's name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Whether the hub is consuming its queue now: updates published from here on reach this
+    /// replica. False before the first session and from a session's end until the next one
+    /// consumes (the broker is unreachable or refused the queue).
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
     }
 
     /// Hands the updates of a message to the connections of their owners, in order.
@@ -178,6 +193,7 @@ impl Hub {
         let mut first = true;
         loop {
             let result = self.session(&mut first, &mut backoff, initial).await;
+            self.consuming.store(false, Ordering::Relaxed);
             let delay = backoff.next_delay();
             match result {
                 Ok(()) => {
@@ -197,7 +213,9 @@ impl Hub {
         backoff: &mut Backoff,
         initial: Duration,
     ) -> Result<(), BusError> {
-        let connection = amqp::connect(&self.config, "apex-chat-hub").await?;
+        // Named after the replica's queue: an operator (or a test) can tell replicas apart.
+        let name = format!("apex-chat-hub {}", self.queue);
+        let connection = amqp::connect(&self.config, &name).await?;
         let channel = connection.create_channel().await?;
         amqp::declare_exchange(&channel, &self.config.chat_exchange).await?;
         channel
@@ -237,6 +255,7 @@ impl Hub {
         }
         *first = false;
         backoff.reset(initial);
+        self.consuming.store(true, Ordering::Relaxed);
         tracing::info!(queue = %self.queue, "chat hub consuming");
         while let Some(delivery) = consumer.next().await {
             self.dispatch_all(&delivery?);
