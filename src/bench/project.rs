@@ -147,6 +147,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         "timed_out": applied < total,
         "projector_batch_size": projectors.batch_size,
         "projector_prefetch": projectors.prefetch,
+        "projector_group_transaction_from": projectors.group_transaction_from,
         "lag": lag.summary(),
         "lag_sampling_ms": 5,
         "ceiling": "bare consumer of the same messages from one durable queue, same prefetch, acks batched like the projectors",

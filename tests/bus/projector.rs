@@ -354,6 +354,71 @@ async fn a_batch_whose_transaction_fails_is_applied_event_by_event_without_waiti
     bus.finish(tasks).await;
 }
 
+/// `(processed_total, skipped_total)` of `model`.
+async fn counters(bus: &Bus, model: ReadModel) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT processed_total, skipped_total FROM projector_status WHERE projector = $1",
+    )
+    .bind(model.name())
+    .fetch_one(&bus.pool)
+    .await
+    .unwrap()
+}
+
+/// The group applies a batch to its four read models in one transaction. When one of them
+/// already has the batch (as after its rebuild from the store), that transaction writes
+/// nothing, and each read model takes the batch on its own: the one ahead skips every event,
+/// the others apply each once, and every read model ends as a replay builds it.
+#[tokio::test]
+async fn a_batch_one_read_model_already_has_is_applied_once_by_each_of_the_others() {
+    let bus = bus().await;
+    bus.declare_projectors().await;
+    bus.agent("triage", &["search"]).await;
+    let id = bus.run("user-1", "triage").await;
+    bus.think(&id, 4).await; // sequences 1..=6
+    let mut conn = bus.pool.acquire().await.unwrap();
+    let events = apex_projections::store::aggregate_range(&mut conn, "instance", &id, 1, 6)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 6);
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    for event in &events {
+        let decoded = event.decode().unwrap();
+        apex_projections::projector::apply_one(&mut tx, ReadModel::Timeline, event, &decoded)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    drop(conn);
+    inject(&bus, ProjectorGroup::Instance, &id, &[1, 2, 3, 4, 5, 6]).await;
+    inject(&bus, ProjectorGroup::Agent, "triage", &[1, 2]).await;
+
+    let tasks = bus.spawn_projectors();
+    bus.wait_projected(Duration::from_secs(20)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counters(&bus, ReadModel::Timeline).await.1 < 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the timeline never skipped the batch it had"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
+    assert_eq!(counters(&bus, ReadModel::Timeline).await.1, 6);
+    for model in [
+        ReadModel::Instances,
+        ReadModel::AgentStats,
+        ReadModel::Usage,
+    ] {
+        assert_eq!(
+            counters(&bus, model).await,
+            (6, 0),
+            "{model:?} applied the batch other than once"
+        );
+    }
+    bus.finish(tasks).await;
+}
+
 #[tokio::test]
 async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_deleted() {
     let bus = bus().await;
