@@ -439,6 +439,7 @@ async fn drain_legacy(
 
 /// A delivery decoded, or why it cannot be.
 struct Decoded {
+    /// The event's row, its payload taken out (`Null`): it lives on as `event`.
     stored: StoredEvent,
     event: DomainEvent,
 }
@@ -670,8 +671,9 @@ async fn apply_set_based(
 fn decode(body: &[u8]) -> Result<Decoded, String> {
     let cloud_event: CloudEvent =
         serde_json::from_slice(body).map_err(|e| format!("not a CloudEvent: {e}"))?;
-    let stored = cloud_event.into_stored().map_err(|e| e.to_string())?;
-    let event = stored.decode().map_err(|e| e.to_string())?;
+    let mut stored = cloud_event.into_stored().map_err(|e| e.to_string())?;
+    // The read models take everything from the decoded event; the payload is not copied.
+    let event = stored.decode_taking_payload().map_err(|e| e.to_string())?;
     Ok(Decoded { stored, event })
 }
 
