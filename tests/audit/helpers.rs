@@ -12,8 +12,6 @@ use apex_domain::agent::{AgentAction, AgentCommand, AgentDefinition};
 use apex_domain::instance::InstanceAction;
 use apex_domain::{Actor, ActorRole, AgentId, Tier};
 use apex_projections::ReadModel;
-use apex_projections::projector::ProjectorConfig;
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -239,23 +237,6 @@ impl Stack {
     pub async fn finish(self) {
         let stopped = tokio::time::timeout(Duration::from_secs(30), self.workers.stop()).await;
         assert!(stopped.is_ok(), "the workers did not stop");
-        let amqp = self.settings.amqp.config();
-        let connection = apex_projections::amqp::connect(&amqp, "apex-test-cleanup")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut projectors = ProjectorConfig::new(amqp.clone());
-        projectors.queue_prefix = self.queue_prefix.clone();
-        for name in projectors.queues() {
-            let _ = channel
-                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for exchange in [&amqp.exchange, &amqp.chat_exchange] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = connection.close(200, "test done".into()).await;
+        crate::broker::delete_topology(&self.settings.amqp.config(), &self.queue_prefix).await;
     }
 }

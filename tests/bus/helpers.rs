@@ -296,12 +296,11 @@ impl Bus {
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        let _ = channel
-            .exchange_delete(
-                self.amqp.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
+        for exchange in [&self.amqp.exchange, &self.amqp.chat_exchange] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
     }
 }
 

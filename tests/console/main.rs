@@ -8,6 +8,8 @@
 //! also copies it to `docs/images/console.png`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "../support/broker.rs"]
+mod broker;
 mod stack;
 
 use std::path::{Path, PathBuf};

@@ -146,9 +146,12 @@ impl Stack {
         .await;
     }
 
+    /// Stops the workers and deletes the stack's queues and exchanges.
     pub async fn stop(mut self) {
         if let Some(workers) = self.workers.take() {
             workers.stop().await;
         }
+        let amqp = self.settings.amqp.config();
+        crate::broker::delete_topology(&amqp, &format!("{}.projector", amqp.exchange)).await;
     }
 }

@@ -1,4 +1,10 @@
-//! Broker-side actions of the tests (shared by the test crates that include it).
+//! Broker-side actions of the tests (shared by the test crates that include it; each uses
+//! some of them).
+#![allow(dead_code)]
+
+use apex_projections::amqp::AmqpConfig;
+use apex_projections::projector::ProjectorConfig;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 
 /// Closes, from the broker side, every connection whose name contains `needle`.
 pub async fn close_broker_connections(needle: &str) -> usize {
@@ -26,4 +32,27 @@ pub async fn close_broker_connections(needle: &str) -> usize {
         closed += 1;
     }
     closed
+}
+
+/// Deletes what a test's stack declared on the broker: the projector queues under
+/// `queue_prefix` and the two exchanges of `amqp` (the replicas' chat queues go with their
+/// connections).
+pub async fn delete_topology(amqp: &AmqpConfig, queue_prefix: &str) {
+    let connection = apex_projections::amqp::connect(amqp, "apex-test-cleanup")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut projectors = ProjectorConfig::new(amqp.clone());
+    projectors.queue_prefix = queue_prefix.to_owned();
+    for name in projectors.queues() {
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for exchange in [&amqp.exchange, &amqp.chat_exchange] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "test done".into()).await;
 }

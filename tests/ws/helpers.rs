@@ -173,10 +173,13 @@ impl Stack {
         request.send().await.unwrap().status()
     }
 
+    /// Stops the workers and deletes the stack's queues and exchanges.
     pub async fn stop(mut self) {
         if let Some(w) = self.workers.take() {
             w.stop().await;
         }
+        let amqp = self.settings.amqp.config();
+        crate::broker::delete_topology(&amqp, &format!("{}.projector", amqp.exchange)).await;
     }
 }
 
