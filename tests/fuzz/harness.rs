@@ -9,7 +9,6 @@ use apex::startup::{Application, Workers};
 use apex_domain::{ActorRole, Tier};
 use apex_projections::ReadModel;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use reqwest::Client;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Value, json};
@@ -84,28 +83,8 @@ impl Fuzzed {
         if let Some(workers) = self.workers.take() {
             workers.stop().await;
         }
-        let amqp = self.app.settings.amqp.config();
-        let Ok(connection) = apex_projections::amqp::connect(&amqp, "apex-fuzz-cleanup").await
-        else {
-            return;
-        };
-        let Ok(channel) = connection.create_channel().await else {
-            return;
-        };
-        for model in ReadModel::ALL {
-            let queue = format!("apex.test.{}.projector.{}", self.id, model.name());
-            for name in [queue.clone(), format!("{queue}.dlq")] {
-                let _ = channel
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-        }
-        for exchange in [&amqp.exchange, &amqp.chat_exchange] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = connection.close(200, "fuzz done".into()).await;
+        let prefix = format!("apex.test.{}.projector", self.id);
+        crate::broker::delete_topology(&self.app.settings.amqp.config(), &prefix).await;
     }
 }
 

@@ -10,6 +10,8 @@
 #[path = "../api/helpers.rs"]
 mod helpers;
 
+#[path = "../support/broker.rs"]
+mod broker;
 mod harness;
 mod requests;
 mod rng;
