@@ -489,7 +489,9 @@ fn covered(stored: &StoredEvent, outcome: Outcome) -> Option<(uuid::Uuid, i64, i
 /// costs one `BEGIN` and one commit (one WAL flush) instead of one per read model. The folds
 /// run one after the other in the group's order of read models, each locking its offset rows
 /// in `aggregate_id` order as it does alone, so two replicas' group transactions, or a group
-/// transaction and a read model's own, take their locks in one order.
+/// transaction and a read model's set-based one, take their locks in one order (a per-event
+/// batch locks in delivery order and may deadlock with it: the transaction then fails, and
+/// the batch goes to the read models' own transactions, which retry it).
 ///
 /// Only batches of at least `group_transaction_from` events come here. A large batch means a
 /// backlog, where what counts is the rate, and one transaction instead of four drains it
