@@ -725,6 +725,24 @@ async fn swap(
     .execute(&mut *tx)
     .await?;
     for table in model.tables() {
+        // `LIKE` copies no privileges: those granted on the table being replaced are granted
+        // on its copy, so a role that reads the read model (the API's, a report's) still can.
+        let grants: Vec<String> = sqlx::query_scalar(
+            "SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, $2::text,
+                           CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
+                           CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+               FROM pg_class c
+              CROSS JOIN LATERAL aclexplode(c.relacl) a
+               LEFT JOIN pg_roles r ON r.oid = a.grantee
+              WHERE c.oid = $1::regclass AND a.grantee <> c.relowner",
+        )
+        .bind(format!("public.{table}"))
+        .bind(format!("{schema}.{table}"))
+        .fetch_all(&mut *tx)
+        .await?;
+        for grant in grants {
+            sqlx::query(&grant).execute(&mut *tx).await?;
+        }
         sqlx::query(&format!("DROP TABLE public.{table}"))
             .execute(&mut *tx)
             .await?;

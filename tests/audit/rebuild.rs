@@ -79,7 +79,8 @@ async fn reader(
     }
 }
 
-/// How the read models' tables are defined: columns, persistence, indexes and constraints.
+/// How the read models' tables are defined: columns, persistence, indexes, constraints and the
+/// privileges granted on them.
 async fn definitions(stack: &Stack) -> Vec<String> {
     let tables: Vec<&str> = ReadModel::ALL
         .iter()
@@ -105,6 +106,15 @@ async fn definitions(stack: &Stack) -> Vec<String> {
            FROM pg_constraint
           WHERE connamespace = 'public'::regnamespace
             AND conrelid::regclass::text = ANY($1)
+         UNION ALL
+         SELECT format('%s privilege %s %s %s', c.relname,
+                       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE r.rolname::text END,
+                       a.privilege_type, a.is_grantable)
+           FROM pg_class c
+          CROSS JOIN LATERAL aclexplode(c.relacl) a
+           LEFT JOIN pg_roles r ON r.oid = a.grantee
+          WHERE c.relnamespace = 'public'::regnamespace AND c.relname = ANY($1)
+            AND a.grantee <> c.relowner
           ORDER BY 1",
     )
     .bind(&tables)
@@ -126,7 +136,29 @@ async fn a_rebuild_under_load_ends_identical_to_the_live_read_models_and_no_quer
     }
     let watched = seeded[1].clone(); // a run of user-1
     stack.wait_projected(Duration::from_secs(60)).await;
+    // A reporting role reads every read model, and everyone may read the usage table.
+    let reporter = format!("apex_test_reporter_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {reporter} NOLOGIN;
+         GRANT SELECT ON {} TO {reporter};
+         GRANT SELECT ON rm_usage TO PUBLIC;",
+        ReadModel::ALL
+            .iter()
+            .flat_map(|m| m.tables())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .execute(&stack.pool)
+    .await
+    .unwrap();
     let defined = definitions(&stack).await;
+    assert!(
+        defined
+            .iter()
+            .any(|d| d == &format!("rm_timeline privilege {reporter} SELECT f")),
+        "{defined:#?}"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let queries = Arc::new(AtomicU64::new(0));
@@ -202,6 +234,10 @@ async fn a_rebuild_under_load_ends_identical_to_the_live_read_models_and_no_quer
         defined,
         "the rebuilt tables are defined differently"
     );
+    sqlx::raw_sql(&format!("DROP OWNED BY {reporter}; DROP ROLE {reporter}"))
+        .execute(&stack.pool)
+        .await
+        .unwrap();
     let schemas: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'")
             .fetch_one(&stack.pool)
