@@ -158,6 +158,7 @@ impl PersistedEventRepository for GroupCommitRepository {
             .send(append)
             .await
             .map_err(|_| stopped("the append writers stopped"))?;
+        metrics::counter!("apex_append_requests_total").increment(1);
         answer
             .await
             .map_err(|_| stopped("an append writer stopped before answering"))?

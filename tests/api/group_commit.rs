@@ -61,15 +61,32 @@ async fn transactions(app: &TestApp, ids: &[String], sequence: i64) -> BTreeSet<
     .collect()
 }
 
+/// Appends handed to the writers so far: `apex_append_requests_total` on `/metrics`.
+async fn appends_requested(app: &TestApp) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("apex_append_requests_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// Runs `think_all` while appends are held back: a transaction locks `events` against inserts,
-/// so the writers block on their first batch and every other command queues behind them;
-/// releasing it lets the queued commands go as one batch. Deterministic batching, whatever the
-/// machine's speed.
+/// so the writers block on their first batch and every other command queues behind them. The
+/// hold ends once every command has been handed to the writers, and the queued ones go as one
+/// batch: deterministic batching, whatever the machine's speed.
 async fn think_all_held(
     app: &Arc<TestApp>,
     ids: &[String],
     thought: impl Fn(usize) -> String,
 ) -> Vec<(StatusCode, Value)> {
+    let before = appends_requested(app).await;
     let mut hold = app.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *hold)
@@ -80,7 +97,14 @@ async fn think_all_held(
         let bodies: Vec<String> = (0..ids.len()).map(thought).collect();
         async move { think_all(&app, &ids, |n| bodies[n].clone()).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while appends_requested(app).await < before + ids.len() as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commands never all reached the writers"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(
         !answers.is_finished(),
         "a command was answered while appends were held"
