@@ -332,40 +332,38 @@ async fn session(
         }
         let decoded: Vec<_> = batch.iter().map(|d| (d, decode(&d.data))).collect();
         let chat = chat_channel.as_ref();
-        let grouped = decoded.len() >= config.group_transaction_from;
-        if grouped
-            && let Some(entries) =
-                process_group(pool, &mut group_connection, group, &decoded, owners).await
-        {
+        let grouped = if decoded.len() >= config.group_transaction_from {
+            process_group(pool, &mut group_connection, group, &decoded, owners).await
+        } else {
+            None
+        };
+        if let Some(entries) = grouped {
             if let Some(chat) = chat {
                 let applied = Applied::Entries(entries);
                 announce(pool, chat, &config.amqp.chat_exchange, applied).await?;
             }
-            if let Some(last) = batch.last() {
-                last.ack(BasicAckOptions { multiple: true }).await?;
-            }
-            continue;
-        }
-        let models = group.models().iter().zip(connections.iter_mut());
-        let results = futures::future::join_all(models.map(|(model, connection)| {
-            let decoded = &decoded;
-            let dlq = &dlq_channel;
-            async move {
-                let applied =
-                    process(pool, connection, *model, config, dlq, decoded, owners).await?;
-                // The timeline announces as soon as it has committed, without waiting for
-                // the group's other read models.
-                if *model == ReadModel::Timeline
-                    && let Some(chat) = chat
-                {
-                    announce(pool, chat, &config.amqp.chat_exchange, applied).await?;
+        } else {
+            let models = group.models().iter().zip(connections.iter_mut());
+            let results = futures::future::join_all(models.map(|(model, connection)| {
+                let decoded = &decoded;
+                let dlq = &dlq_channel;
+                async move {
+                    let applied =
+                        process(pool, connection, *model, config, dlq, decoded, owners).await?;
+                    // The timeline announces as soon as it has committed, without waiting for
+                    // the group's other read models.
+                    if *model == ReadModel::Timeline
+                        && let Some(chat) = chat
+                    {
+                        announce(pool, chat, &config.amqp.chat_exchange, applied).await?;
+                    }
+                    Ok::<_, ProjectorError>(())
                 }
-                Ok::<_, ProjectorError>(())
+            }))
+            .await;
+            for result in results {
+                result?;
             }
-        }))
-        .await;
-        for result in results {
-            result?;
         }
         if let Some(last) = batch.last() {
             last.ack(BasicAckOptions { multiple: true }).await?;
