@@ -1,6 +1,5 @@
 //! Runs commands against one aggregate type with concurrency control.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 use apex_domain::DomainError;
@@ -8,12 +7,12 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore};
 use cqrs_es::{Aggregate, AggregateError, EventStore};
 use sqlx::PgPool;
-use tokio::sync::Mutex;
 
 use crate::context::{CommandContext, CommandOutcome};
 use crate::error::CommandError;
 use crate::group_commit::GroupCommitRepository;
 use crate::idempotency;
+use crate::locks::AggregateLocks;
 
 /// How often a command is re-run after losing an optimistic-concurrency race.
 #[derive(Debug, Clone, Copy)]
@@ -33,9 +32,6 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Lock stripes: commands on the same aggregate in one process queue instead of racing.
-const STRIPES: usize = 1024;
-
 /// An aggregate kept in memory after a command, with what the store needs to append to it.
 struct Cached<A> {
     aggregate: A,
@@ -53,7 +49,8 @@ pub struct CommandBus<A: Aggregate> {
     store: PersistedEventStore<GroupCommitRepository, A>,
     pool: PgPool,
     retry: RetryPolicy,
-    stripes: Vec<Mutex<()>>,
+    /// Commands on the same aggregate in one process queue instead of racing.
+    locks: AggregateLocks,
     cache: std::sync::Mutex<std::collections::HashMap<String, Cached<A>>>,
     cache_capacity: usize,
     snapshot_every: Option<usize>,
@@ -74,7 +71,7 @@ where
             store,
             pool,
             retry,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            locks: AggregateLocks::default(),
             cache: std::sync::Mutex::new(std::collections::HashMap::new()),
             cache_capacity: 0,
             snapshot_every: None,
@@ -175,7 +172,7 @@ where
         command: A::Command,
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError> {
-        let _guard = self.stripe(aggregate_id).lock().await;
+        let _guard = self.locks.lock(aggregate_id).await;
         let mut delay = self.retry.base_delay;
         for attempt in 1..=self.retry.max_attempts {
             // The request hash covers the target (path) and the body, so a stored answer is
@@ -211,7 +208,7 @@ where
         command: A::Command,
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError> {
-        // We hold the aggregate's stripe lock: nobody else in this process touches the entry.
+        // We hold the aggregate's lock: nobody else in this process touches the entry.
         let cached = self.cache_take(aggregate_id);
         let from_cache = cached.is_some();
         let mut loaded = match cached {
@@ -293,12 +290,6 @@ where
             appended: committed.len(),
             replayed: false,
         })
-    }
-
-    fn stripe(&self, aggregate_id: &str) -> &Mutex<()> {
-        let mut hasher = DefaultHasher::new();
-        aggregate_id.hash(&mut hasher);
-        &self.stripes[(hasher.finish() as usize) % STRIPES]
     }
 }
 
