@@ -23,19 +23,40 @@ pub const TAG: &str = "health";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// The histograms of an event's delay from its recording to a stage of the pipeline (see
+/// `apex_projections::delay`).
+const PIPELINE_DELAYS: [&str; 3] = [
+    "apex_relay_publish_delay_seconds",
+    "apex_projector_apply_delay_seconds",
+    "apex_chat_receive_delay_seconds",
+];
+
+/// Their buckets: fine where a live pipeline is (milliseconds), coarse where a backlog is.
+const DELAY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03,
+    0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".to_owned()),
-                    &[
-                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    ],
-                )
+            let builder = PIPELINE_DELAYS
+                .iter()
+                .try_fold(PrometheusBuilder::new(), |builder, name| {
+                    // A full name takes precedence over the suffix below.
+                    builder.set_buckets_for_metric(Matcher::Full((*name).to_owned()), DELAY_BUCKETS)
+                })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Suffix("_seconds".to_owned()),
+                        &[
+                            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        ],
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
-            match builder.install_recorder() {
+            let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
                 Err(e) => {
                     // Another recorder is installed (a test harness): keep a detached one so
@@ -43,9 +64,32 @@ pub fn install() -> PrometheusHandle {
                     tracing::warn!(error = %e, "metrics recorder already installed");
                     PrometheusBuilder::new().build_recorder().handle()
                 }
-            }
+            };
+            spawn_upkeep(handle.clone());
+            handle
         })
         .clone()
+}
+
+/// How often histogram observations are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds the histograms' raw observations into their buckets every [`UPKEEP_EVERY`]. The
+/// recorder keeps every observation until then: with no upkeep, a process nobody scrapes would
+/// hold every request's and every event's observation for ever. A thread of its own, so it
+/// runs whatever runtime (or none) the process has.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the metrics upkeep thread: histograms grow until scraped");
+    }
 }
 
 /// Records `apex_http_requests_total` and `apex_http_request_duration_seconds` by route.

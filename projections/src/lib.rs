@@ -11,6 +11,7 @@ pub mod amqp;
 pub mod audit;
 pub mod chat;
 pub mod consistency;
+pub mod delay;
 pub mod envelope;
 pub mod projector;
 pub mod read_models;

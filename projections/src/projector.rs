@@ -543,6 +543,7 @@ async fn process_group(
             for model in models {
                 metrics::counter!("apex_projector_processed_total", "projector" => model.name())
                     .increment(decoded.len() as u64);
+                record_delay(*model, &decoded);
             }
             Some(timeline)
         }
@@ -618,7 +619,10 @@ async fn process(
     }
     .await;
     match whole {
-        Ok(applied) => return Ok(applied),
+        Ok(applied) => {
+            record_delay(model, &decoded);
+            return Ok(applied);
+        }
         Err(e) => {
             if let Some(mut conn) = connection.take() {
                 conn.close_on_drop();
@@ -630,9 +634,19 @@ async fn process(
     for (delivery, d) in decoded {
         if let Some(outcome) = apply_with_retry(pool, model, config, dlq, delivery, d).await? {
             applied.extend(covered(&d.stored, outcome));
+            record_delay(model, &[(delivery, d)]);
         }
     }
     Ok(Applied::Ranges(applied))
+}
+
+/// `apex_projector_apply_delay_seconds`: how long after it was recorded each event of a
+/// committed batch is in `model` (see [`crate::delay`]).
+fn record_delay(model: ReadModel, committed: &[(&Delivery, &Decoded)]) {
+    crate::delay::record(
+        &metrics::histogram!("apex_projector_apply_delay_seconds", "projector" => model.name()),
+        committed.iter().map(|(_, d)| d.stored.recorded_at),
+    );
 }
 
 /// Applies the batch with one statement per table (see `rebuild::batch`); each event then gets

@@ -192,6 +192,10 @@ async fn publish_loop(
             let full = batch.len() as i64 == config.batch_size;
             if let Some(last) = batch.last() {
                 let confirms = send_batch(channel, &config.amqp.exchange, &batch).await?;
+                crate::delay::record(
+                    &metrics::histogram!("apex_relay_publish_delay_seconds"),
+                    batch.iter().map(|e| e.recorded_at),
+                );
                 (xid, position) = (last.transaction_id, last.position);
                 let (sent_xid, sent_position, count) = (xid, position, batch.len());
                 in_flight.push_back(async move {

@@ -12,6 +12,7 @@ use serde_json::json;
 use super::client::{self, Api, Command, Inbox, thought};
 use super::report::{Row, Target};
 use super::stack::{self, Stack};
+use super::stages;
 use super::stats::round;
 use super::{Options, ceilings};
 use crate::config::Settings;
@@ -81,6 +82,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
             body: thought(i as u64),
         })
         .collect();
+    let before = stages::snapshot();
     let mut d = client::paced(
         &api,
         &runner,
@@ -91,6 +93,8 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         Duration::from_secs(30),
     )
     .await?;
+    let stages = stages::breakdown(&before, &stages::snapshot());
+    eprintln!("bench: live stages, {}", stages::line(&stages));
     for socket in sockets {
         socket.abort();
     }
@@ -112,6 +116,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         "command_latency": d.command.summary(),
         "ceiling": "one bare RabbitMQ hop (publish → connected consumer) at the same rate",
         "broker_hop": hop.summary(),
+        "since_recorded": stages,
     });
     Ok(vec![
         Row::new(

@@ -18,6 +18,7 @@ mod relay;
 mod report;
 mod seed;
 mod stack;
+mod stages;
 mod stats;
 mod write;
 

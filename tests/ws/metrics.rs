@@ -92,6 +92,36 @@ async fn metrics_count_exactly_the_commands_and_events_of_a_run() {
         get(r#"apex_projector_processed_total{projector="agents"}"#),
         2.0
     );
+    // Each stage's delay is observed once per event that passed it, and is no longer than
+    // the run took.
+    let delays = [
+        (
+            "apex_relay_publish_delay_seconds".to_owned(),
+            instance_events + 2.0,
+        ),
+        ("apex_chat_receive_delay_seconds".to_owned(), steps as f64),
+        (
+            r#"apex_projector_apply_delay_seconds{projector="agents"}"#.to_owned(),
+            2.0,
+        ),
+    ]
+    .into_iter()
+    .chain(["instances", "timeline", "usage", "agent_stats"].map(|p| {
+        (
+            format!(r#"apex_projector_apply_delay_seconds{{projector="{p}"}}"#),
+            instance_events,
+        )
+    }));
+    for (histogram, events) in delays {
+        let (name, labels) = histogram
+            .split_once('{')
+            .map_or((histogram.as_str(), String::new()), |(n, l)| {
+                (n, format!("{{{l}"))
+            });
+        assert_eq!(get(&format!("{name}_count{labels}")), events, "{histogram}");
+        let mean = get(&format!("{name}_sum{labels}")) / events;
+        assert!(mean > 0.0 && mean < 15.0, "{histogram}: mean {mean} s");
+    }
     assert_eq!(get("apex_ws_messages_sent_total"), steps as f64);
     assert_eq!(get("apex_ws_connections"), 1.0);
     assert_eq!(

@@ -154,6 +154,10 @@ impl Hub {
                 return;
             }
         };
+        apex_projections::delay::record(
+            &metrics::histogram!("apex_chat_receive_delay_seconds"),
+            updates.iter().map(|u| u.at),
+        );
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         for update in updates {
             if let Some(conns) = users.get(&update.owner_id) {
