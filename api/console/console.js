@@ -231,10 +231,11 @@
     clearTimeout(state.socketTimer);
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const resume = [...state.runs].map(([id, run]) => `${id}:${run.last}`).join(',');
-    let url = `${scheme}//${location.host}/v1/ws?token=${encodeURIComponent(state.token)}`;
-    if (resume) url += `&resume=${encodeURIComponent(resume)}`;
+    let url = `${scheme}//${location.host}/v1/ws`;
+    if (resume) url += `?resume=${encodeURIComponent(resume)}`;
     setSocketState('connecting', 'socket connecting');
-    const socket = new WebSocket(url);
+    // The token goes as a subprotocol, not in the URL, which proxies write to their logs.
+    const socket = new WebSocket(url, ['apex.chat.v1', `apex.bearer.${state.token}`]);
     state.socket = socket;
     socket.onopen = () => {
       state.socketRetry = 0;

@@ -158,6 +158,51 @@ impl Stack {
         socket
     }
 
+    /// A socket to `replica` authenticated as a browser does: the token offered as a
+    /// subprotocol (`protocols`, as the `Sec-WebSocket-Protocol` header); also returns the
+    /// protocol the server selected.
+    pub async fn connect_with_protocols(
+        &self,
+        replica: usize,
+        protocols: &str,
+    ) -> (Socket, Option<String>) {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/v1/ws", self.replicas[replica])
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocols.parse().unwrap());
+        let (socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let selected = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (socket, selected)
+    }
+
+    /// The HTTP status and error code a WebSocket handshake offering `protocols` gets.
+    pub async fn protocol_handshake(&self, protocols: &str) -> (StatusCode, Option<String>) {
+        let response = self
+            .client
+            .get(format!("http://{}/v1/ws", self.replicas[0]))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", protocols)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let code = response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|body| body["error"]["code"].as_str().map(str::to_owned));
+        (status, code)
+    }
+
     /// The HTTP status a WebSocket handshake gets.
     pub async fn handshake_status(&self, query: &str, header: Option<&str>) -> StatusCode {
         let mut request = self

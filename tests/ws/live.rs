@@ -281,6 +281,60 @@ async fn the_socket_refuses_missing_bad_and_non_user_tokens_before_the_upgrade()
     stack.stop().await;
 }
 
+/// A browser cannot set the Authorization header on a WebSocket: it offers its token as a
+/// subprotocol beside the chat's, and the server selects the chat's, never the token.
+#[tokio::test]
+async fn a_browser_authenticates_with_its_token_as_a_subprotocol_and_gets_its_steps() {
+    let stack = stack(1).await;
+    stack.agent("triage").await;
+    let alice = stack.user("alice");
+    let (mut socket, selected) = stack
+        .connect_with_protocols(0, &format!("apex.chat.v1, apex.bearer.{alice}"))
+        .await;
+    assert_eq!(selected.as_deref(), Some("apex.chat.v1"));
+    let id = stack.instance(&alice, "triage").await;
+    let steps = script(&stack, &id, 2).await;
+    let messages = read_steps(&mut socket, steps, Duration::from_secs(15)).await;
+    let types: Vec<String> = messages
+        .iter()
+        .map(|m| m["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types, script_types(2));
+    assert!(messages.iter().all(|m| m["instance_id"] == id.as_str()));
+
+    // The token alone would leave the browser without a protocol to accept: refused, as are
+    // two tokens, a bad token and a token of another role.
+    let cases = [
+        (format!("apex.bearer.{alice}"), 400, "invalid_header"),
+        (
+            format!("apex.chat.v1, apex.bearer.{alice}, apex.bearer.{alice}"),
+            400,
+            "invalid_header",
+        ),
+        (
+            "apex.chat.v1, apex.bearer.not-a-jwt".to_owned(),
+            401,
+            "invalid_token",
+        ),
+        (
+            format!("apex.chat.v1, apex.bearer.{}", stack.runner()),
+            403,
+            "role_not_allowed",
+        ),
+    ];
+    for (protocols, status, code) in cases {
+        assert_eq!(
+            stack.protocol_handshake(&protocols).await,
+            (
+                reqwest::StatusCode::from_u16(status).unwrap(),
+                Some(code.to_owned())
+            ),
+            "{protocols}"
+        );
+    }
+    stack.stop().await;
+}
+
 /// A client that reconnects and resumes with a message (not in the handshake) while its run
 /// goes on: a live step that reaches the new connection before the resume must not make the
 /// server send the run from its first step (which the client already has).
