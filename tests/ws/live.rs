@@ -341,29 +341,76 @@ async fn a_browser_authenticates_with_its_token_as_a_subprotocol_and_gets_its_st
 #[tokio::test]
 async fn a_client_that_resumes_by_message_after_a_live_step_sees_nothing_twice() {
     let stack = stack(1).await;
-    stack.agent("triage").await;
-    let alice = stack.user("alice");
-    let id = stack.instance(&alice, "triage").await;
-    let mut first = stack.connect(0, &alice, None).await;
-    start_and_think(&stack, &id, 3).await;
-    // Sequences 2..=5 seen, then the client loses its connection.
-    let seen = read_steps(&mut first, 4, Duration::from_secs(10)).await;
-    assert_eq!(keys(&seen).last().map(|(_, s)| *s), Some(5));
-    drop(first);
+    let (alice, id) = a_run_seen_up_to_5_by_a_lost_client(&stack).await;
     let mut socket = stack.connect(0, &alice, None).await;
     stack.think(&id, "b").await;
     // Let the live step (sequence 6) reach the connection before the client's resume.
     tokio::time::sleep(Duration::from_millis(400)).await;
+    resume_after(&mut socket, &id, 5).await;
+    let rest = read_steps(&mut socket, 2, Duration::from_secs(3)).await;
+    let sequences: Vec<i64> = keys(&rest).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(sequences, vec![6], "only the step the client missed, once");
+    stack.stop().await;
+}
+
+/// A resume the server cannot read the timeline for (the database failing the query) is
+/// answered `service_unavailable`, and the client's position still counts: the run's next live
+/// step comes alone, not after the whole run again.
+#[tokio::test]
+async fn a_resume_that_cannot_read_the_timeline_still_sends_nothing_twice() {
+    let stack = stack(1).await;
+    let (alice, id) = a_run_seen_up_to_5_by_a_lost_client(&stack).await;
+
+    // The timeline cannot be read while the client resumes: its table is renamed away (no
+    // event is projected meanwhile, so no projector needs it).
+    let pool = &stack.states[0].pool;
+    sqlx::query("ALTER TABLE rm_timeline RENAME TO rm_timeline_away")
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut socket = stack.connect(0, &alice, None).await;
+    resume_after(&mut socket, &id, 5).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("the resume was not answered")
+        .unwrap()
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(answer.to_text().unwrap()).unwrap();
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "service_unavailable", "{answer}");
+    sqlx::query("ALTER TABLE rm_timeline_away RENAME TO rm_timeline")
+        .execute(pool)
+        .await
+        .unwrap();
+
+    stack.think(&id, "after the outage").await;
+    let rest = read_steps(&mut socket, 2, Duration::from_secs(3)).await;
+    let sequences: Vec<i64> = keys(&rest).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(sequences, vec![6], "only the step the client missed, once");
+    stack.stop().await;
+}
+
+/// Alice's run whose sequences 2..=5 a client saw before it lost its connection; returns
+/// Alice's token and the run.
+async fn a_run_seen_up_to_5_by_a_lost_client(stack: &Stack) -> (String, String) {
+    stack.agent("triage").await;
+    let alice = stack.user("alice");
+    let id = stack.instance(&alice, "triage").await;
+    let mut first = stack.connect(0, &alice, None).await;
+    start_and_think(stack, &id, 3).await;
+    let seen = read_steps(&mut first, 4, Duration::from_secs(10)).await;
+    assert_eq!(keys(&seen).last().map(|(_, s)| *s), Some(5));
+    (alice, id)
+}
+
+/// Sends a resume message: run `id` seen up to `sequence`.
+async fn resume_after(socket: &mut Socket, id: &str, sequence: i64) {
     socket
         .send(Message::Text(
-            json!({"type": "resume", "instances": {id.clone(): 5}})
+            json!({"type": "resume", "instances": {id: sequence}})
                 .to_string()
                 .into(),
         ))
         .await
         .unwrap();
-    let rest = read_steps(&mut socket, 2, Duration::from_secs(3)).await;
-    let sequences: Vec<i64> = keys(&rest).into_iter().map(|(_, s)| s).collect();
-    assert_eq!(sequences, vec![6], "only the step the client missed, once");
-    stack.stop().await;
 }

@@ -225,9 +225,15 @@ impl Conn {
     }
 
     /// Sends what the client missed after the given sequences.
+    ///
+    /// The client's position is taken before anything is read: if the read fails, the client is
+    /// told to resume again later, and meanwhile a live step of the run is sent with only what
+    /// follows that position, not the run from its first step, which the client already has.
     async fn resume(&mut self, instances: HashMap<Uuid, i64>) -> Result<(), Closed> {
         for (instance, after) in instances {
-            let after = after.max(self.last.get(&instance).copied().unwrap_or(0));
+            let known = self.last.get(&instance).copied();
+            let after = after.max(known.unwrap_or(0));
+            self.last.insert(instance, after.max(1));
             let owned: bool = match sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM rm_timeline WHERE instance_id = $1 AND owner_id = $2)",
             )
@@ -248,6 +254,11 @@ impl Conn {
                 }
             };
             if !owned {
+                // Not one of the user's runs (no update of it ever comes here): forget it, so
+                // made-up ids do not accumulate.
+                if known.is_none() {
+                    self.last.remove(&instance);
+                }
                 self.send_json(&Outgoing::Error {
                     code: "instance_not_found",
                     message: format!("instance {instance} does not exist"),
@@ -255,14 +266,14 @@ impl Conn {
                 .await?;
                 continue;
             }
-            self.last.insert(instance, after.max(1));
             self.fill(instance, after, i64::MAX).await?;
         }
         Ok(())
     }
 
-    /// Sends entries of `instance` with `after < sequence < before` not sent yet.
-    async fn fill(&mut self, instance: Uuid, after: i64, before: i64) -> Result<(), Closed> {
+    /// Sends entries of `instance` with `after < sequence < before` not sent yet. `Ok(false)`
+    /// when the timeline could not be read (the client has been told to resume).
+    async fn fill(&mut self, instance: Uuid, after: i64, before: i64) -> Result<bool, Closed> {
         let rows: Vec<ChatUpdate> = match sqlx::query_as(
             "SELECT instance_id, sequence, owner_id, kind, at, display, traceparent FROM rm_timeline
               WHERE instance_id = $1 AND owner_id = $2 AND sequence > $3 AND sequence < $4
@@ -280,18 +291,18 @@ impl Conn {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %e, "websocket catch-up: read model query failed");
-                return self
-                    .send_json(&Outgoing::Error {
-                        code: "service_unavailable",
-                        message: "cannot read the timeline now; reconnect and resume".to_owned(),
-                    })
-                    .await;
+                self.send_json(&Outgoing::Error {
+                    code: "service_unavailable",
+                    message: "cannot read the timeline now; reconnect and resume".to_owned(),
+                })
+                .await?;
+                return Ok(false);
             }
         };
         for row in &rows {
             self.send_step(row).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Catches up every run of the user with entries since the connection opened.
@@ -328,8 +339,13 @@ impl Conn {
         if update.sequence <= last {
             return Ok(());
         }
-        if update.sequence > last + 1 {
-            self.fill(update.instance_id, last, update.sequence).await?;
+        // The steps before it first. If they cannot be read, the update is not sent either: the
+        // client keeps its position before the gap, so its resume (or the run's next update)
+        // brings them all; sent alone, it would move the client's position over the gap.
+        if update.sequence > last + 1
+            && !self.fill(update.instance_id, last, update.sequence).await?
+        {
+            return Ok(());
         }
         self.send_step(update).await
     }
