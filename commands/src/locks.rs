@@ -113,7 +113,7 @@ mod tests {
         drop(first);
         tokio::time::timeout(Duration::from_secs(1), second)
             .await
-            .expect("the queued command never got the lock after its release")
+            .unwrap_or_else(|_| panic!("the queued command never got the lock after its release"))
             .unwrap();
         assert_eq!(locks.len(), 0);
     }
