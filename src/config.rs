@@ -138,6 +138,10 @@ pub struct DatabaseSettings {
     pub name: String,
     /// Pool size.
     pub max_connections: u32,
+    /// PostgreSQL ends any of Apex's sessions that stays idle inside a transaction for longer
+    /// (`idle_in_transaction_session_timeout`): a transaction left open by mistake would hold
+    /// its locks and hold back the relay's snapshot horizon, and with it every publication.
+    pub idle_in_transaction_timeout_seconds: u32,
     /// Create the database at start-up when missing (development).
     pub create_if_missing: bool,
     /// From `APEX_DATABASE_PASSWORD`.
@@ -165,6 +169,10 @@ impl DatabaseSettings {
         self.server_options()
             .database(&self.name)
             .application_name("apex")
+            .options([(
+                "idle_in_transaction_session_timeout",
+                format!("{}s", self.idle_in_transaction_timeout_seconds),
+            )])
     }
 }
 
@@ -453,6 +461,11 @@ impl Settings {
                 "database.max_connections must be positive".to_owned(),
             ));
         }
+        if settings.database.idle_in_transaction_timeout_seconds == 0 {
+            return Err(parse_err(
+                "database.idle_in_transaction_timeout_seconds must be positive".to_owned(),
+            ));
+        }
         settings.rate_limit.validate().map_err(parse_err)?;
         settings.otlp.validate().map_err(parse_err)?;
         Ok(settings)
@@ -621,6 +634,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("protocol"), "{err}");
+    }
+
+    #[test]
+    fn the_idle_in_transaction_timeout_reaches_the_connections_and_must_be_positive() {
+        let s = Settings::from_toml(
+            DEV,
+            Path::new("dev"),
+            vars(&[("APEX__DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "7")]),
+        )
+        .unwrap();
+        let options = s.database.options();
+        assert_eq!(
+            options.get_options(),
+            Some("-c idle_in_transaction_session_timeout=7s")
+        );
+        let err = Settings::from_toml(
+            DEV,
+            Path::new("dev"),
+            vars(&[("APEX__DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("database.idle_in_transaction_timeout_seconds"),
+            "{err}"
+        );
     }
 
     #[test]

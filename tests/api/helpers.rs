@@ -39,7 +39,11 @@ pub struct TestApp {
 /// Creates `apex_test_<uuid>`, applies migrations and serves the app on a random port.
 pub async fn spawn_app() -> TestApp {
     let name = format!("apex_test_{}", Uuid::new_v4().simple());
-    let settings = test_settings(&name);
+    spawn_app_with(test_settings(&name)).await
+}
+
+/// [`spawn_app`] with settings of the test's own (from [`test_settings`]).
+pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let app = Application::build(&settings).await.expect("app builds");
     let address = format!("http://{}", app.local_addr().unwrap());
     let state = app.state.clone();

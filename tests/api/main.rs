@@ -15,4 +15,5 @@ mod openapi;
 mod outage;
 mod queries;
 mod rebuild;
+mod sessions;
 mod snapshots;
