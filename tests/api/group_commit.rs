@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::concurrency::all_at_once;
 use crate::helpers::{TestApp, assert_contiguous, runner_context, spawn_app};
+use crate::metrics_text::scrape;
 
 const RUNS: usize = 24;
 
@@ -63,18 +64,11 @@ async fn transactions(app: &TestApp, ids: &[String], sequence: i64) -> BTreeSet<
 
 /// Appends handed to the writers so far: `apex_append_requests_total` on `/metrics`.
 async fn appends_requested(app: &TestApp) -> f64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
+    scrape(&app.client, &app.url("/metrics"))
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("apex_append_requests_total "))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+        .get("apex_append_requests_total")
+        .copied()
+        .unwrap_or(0.0)
 }
 
 /// Runs `think_all` while appends are held back: a transaction locks `events` against inserts,

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod helpers;
+#[path = "../support/metrics.rs"]
+mod metrics_text;
 
 mod audit;
 mod audit_history;

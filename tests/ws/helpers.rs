@@ -184,12 +184,7 @@ impl Stack {
     /// The HTTP status and error code a WebSocket handshake offering `protocols` gets.
     pub async fn protocol_handshake(&self, protocols: &str) -> (StatusCode, Option<String>) {
         let response = self
-            .client
-            .get(format!("http://{}/v1/ws", self.replicas[0]))
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .upgrade_request("")
             .header("sec-websocket-protocol", protocols)
             .send()
             .await
@@ -203,15 +198,20 @@ impl Stack {
         (status, code)
     }
 
-    /// The HTTP status a WebSocket handshake gets.
-    pub async fn handshake_status(&self, query: &str, header: Option<&str>) -> StatusCode {
-        let mut request = self
-            .client
+    /// A WebSocket upgrade request to replica 0 with `query`, sent over plain HTTP so the
+    /// test sees the refusal's status and body.
+    fn upgrade_request(&self, query: &str) -> reqwest::RequestBuilder {
+        self.client
             .get(format!("http://{}/v1/ws{query}", self.replicas[0]))
             .header("connection", "upgrade")
             .header("upgrade", "websocket")
             .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    }
+
+    /// The HTTP status a WebSocket handshake gets.
+    pub async fn handshake_status(&self, query: &str, header: Option<&str>) -> StatusCode {
+        let mut request = self.upgrade_request(query);
         if let Some(h) = header {
             request = request.header("authorization", h);
         }

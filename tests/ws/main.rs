@@ -5,6 +5,8 @@
 #[path = "../support/broker.rs"]
 mod broker;
 mod helpers;
+#[path = "../support/metrics.rs"]
+mod metrics_text;
 
 mod hostile;
 mod live;

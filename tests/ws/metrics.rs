@@ -4,17 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::helpers::*;
-
-/// Parses the Prometheus text format into `series → value`.
-fn parse(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
+use crate::metrics_text::scrape;
 
 #[tokio::test]
 async fn metrics_count_exactly_the_commands_and_events_of_a_run() {
@@ -30,16 +20,11 @@ async fn metrics_count_exactly_the_commands_and_events_of_a_run() {
 
     let mut m = HashMap::new();
     for _ in 0..50 {
-        let text = stack
-            .client
-            .get(format!("http://{}/metrics", stack.replicas[0]))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        m = parse(&text);
+        m = scrape(
+            &stack.client,
+            &format!("http://{}/metrics", stack.replicas[0]),
+        )
+        .await;
         let caught_up = ["instances", "timeline", "usage", "agent_stats"]
             .iter()
             .all(|p| {
