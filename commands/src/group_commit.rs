@@ -5,8 +5,9 @@
 //! their commits, not to the rows. [`GroupCommitRepository`] keeps postgres-es for every read
 //! and replaces its append: each `persist` call queues its events (and snapshot update) and
 //! waits; a few writer tasks take whatever is queued (up to [`MAX_BATCH_EVENTS`]) and append it
-//! in one transaction — one statement inserting the events and the new snapshots, committed
-//! as it returns, so a batch costs one round trip; only when a snapshot moves does an
+//! in one transaction — one statement inserting the events, the new snapshots and the inline
+//! timeline's rows ([`crate::inline`]), committed as it returns, so a batch costs one round
+//! trip; only when a snapshot moves does an
 //! explicit transaction add its checked `UPDATE` — then answer every caller. While one batch
 //! commits the next one gathers, so batches grow with the load and a lone command waits for
 //! nobody.
@@ -51,6 +52,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::is_unavailable;
+use crate::inline::TimelineRow;
 
 /// Writer tasks appending batches concurrently: while one commits, another gathers.
 const WRITERS: usize = 2;
@@ -72,6 +74,8 @@ type SnapshotUpdate = (String, Value, usize);
 struct Append {
     aggregate_type: &'static str,
     events: Vec<SerializedEvent>,
+    /// The inline timeline's rows of `events` (see [`crate::inline`]).
+    timeline: Vec<TimelineRow>,
     snapshot: Option<SnapshotUpdate>,
     reply: oneshot::Sender<Result<(), PersistenceError>>,
     /// An attempt that held this request failed with its connection: it may be stored.
@@ -146,10 +150,14 @@ impl PersistedEventRepository for GroupCommitRepository {
         if events.is_empty() && snapshot_update.is_none() {
             return Ok(());
         }
+        // Computed here, in the command's task, rather than in the writer every command
+        // waits for.
+        let timeline = crate::inline::timeline_rows(A::TYPE, events)?;
         let (reply, answer) = oneshot::channel();
         let append = Append {
             aggregate_type: A::TYPE,
             events: events.to_vec(),
+            timeline,
             snapshot: snapshot_update,
             reply,
             uncertain: false,
@@ -465,7 +473,11 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
     );
     let mut created = Snapshots::default();
     let mut moved = Snapshots::default();
+    let mut timeline = TimelineColumns::default();
     for request in requests {
+        for row in &request.timeline {
+            timeline.push(row);
+        }
         for event in &request.events {
             types.push(request.aggregate_type);
             ids.push(event.aggregate_id.as_str());
@@ -485,19 +497,29 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
             target.push(request.aggregate_type, id, last, *snapshot as i64, state);
         }
     }
-    // The events and the new snapshots go in one statement. Without a snapshot to move, that
-    // statement is the whole transaction (one round trip, committed when it returns); a
-    // snapshot move has to be checked before the commit, so it runs in an explicit one.
+    // The events, the new snapshots and the inline timeline's rows go in one statement.
+    // Without a snapshot to move, that statement is the whole transaction (one round trip,
+    // committed when it returns); a snapshot move has to be checked before the commit, so it
+    // runs in an explicit one. A timeline row's `at` is its event's `recorded_at` (both the
+    // transaction's `now()`); a run's owner is its creation's, in the same append or stored.
     let insert = sqlx::query(
         "WITH appended AS (
              INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
                                  event_version, payload, metadata)
              SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                                  $6::jsonb[], $7::jsonb[]))
-         INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot,
-                                payload)
-         SELECT * FROM unnest($8::text[], $9::text[], $10::bigint[], $11::bigint[],
-                              $12::jsonb[])",
+                                  $6::jsonb[], $7::jsonb[])),
+         snapshotted AS (
+             INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence,
+                                    current_snapshot, payload)
+             SELECT * FROM unnest($8::text[], $9::text[], $10::bigint[], $11::bigint[],
+                                  $12::jsonb[]))
+         INSERT INTO rm_timeline (instance_id, sequence, owner_id, kind, at, display, traceparent)
+         SELECT t.id, t.seq,
+                COALESCE(t.owner, (SELECT r.owner_id FROM rm_timeline r
+                                    WHERE r.instance_id = t.id AND r.sequence = 1)),
+                t.kind, now(), t.display, t.trace
+           FROM unnest($13::uuid[], $14::bigint[], $15::text[], $16::text[], $17::jsonb[],
+                       $18::text[]) AS t(id, seq, owner, kind, display, trace)",
     )
     .bind(&types)
     .bind(&ids)
@@ -510,7 +532,13 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
     .bind(&created.ids)
     .bind(&created.last)
     .bind(&created.counter)
-    .bind(&created.states);
+    .bind(&created.states)
+    .bind(&timeline.ids)
+    .bind(&timeline.sequences)
+    .bind(&timeline.owners)
+    .bind(&timeline.kinds)
+    .bind(&timeline.displays)
+    .bind(&timeline.traces);
     if moved.ids.is_empty() {
         insert.execute(&mut *conn).await?;
         return Ok(());
@@ -557,5 +585,27 @@ impl<'a> Snapshots<'a> {
         self.last.push(last);
         self.counter.push(counter);
         self.states.push(state);
+    }
+}
+
+/// The inline timeline's rows of a batch, as columns.
+#[derive(Default)]
+struct TimelineColumns<'a> {
+    ids: Vec<uuid::Uuid>,
+    sequences: Vec<i64>,
+    owners: Vec<Option<&'a str>>,
+    kinds: Vec<&'static str>,
+    displays: Vec<&'a Value>,
+    traces: Vec<Option<&'a str>>,
+}
+
+impl<'a> TimelineColumns<'a> {
+    fn push(&mut self, row: &'a TimelineRow) {
+        self.ids.push(row.instance_id);
+        self.sequences.push(row.sequence);
+        self.owners.push(row.owner_id.as_deref());
+        self.kinds.push(row.kind);
+        self.displays.push(&row.display);
+        self.traces.push(row.traceparent.as_deref());
     }
 }

@@ -12,6 +12,7 @@ mod context;
 mod error;
 pub mod group_commit;
 mod idempotency;
+mod inline;
 mod locks;
 mod service;
 pub mod store;

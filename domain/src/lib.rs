@@ -12,6 +12,7 @@ pub mod common;
 pub mod error;
 pub mod instance;
 pub mod limits;
+pub mod timeline;
 pub mod upcast;
 
 pub use common::{Actor, ActorRole, AgentId, Tier};

@@ -17,7 +17,7 @@ pub struct AmqpConfig {
     pub uri: String,
     /// The durable topic exchange events are published to.
     pub exchange: String,
-    /// The topic exchange of live chat updates (one message per projector batch).
+    /// The topic exchange of live chat updates (one message per relay batch).
     pub chat_exchange: String,
 }
 

@@ -1,18 +1,18 @@
-//! Live chat updates: after the timeline projection commits a batch, its new timeline entries
-//! are published to the chat exchange as one message (a JSON array, in store order) with
-//! routing key [`BATCH_ROUTING_KEY`]; every API replica binds that key and hands each update to
-//! the WebSocket connections of its owner on that replica.
+//! Live chat updates: the timeline is written with the events (an inline projection), so as
+//! soon as a batch of events is committed its timeline entries may go out. The relay reads
+//! them with the batch and publishes them to the chat exchange as one message (a JSON array,
+//! in store order) with routing key [`BATCH_ROUTING_KEY`]; every API replica binds that key and
+//! hands each update to the WebSocket connections of its owner on that replica.
 //!
-//! Updates are published (with confirms) before the source events are acknowledged, and again
-//! when a redelivered event is skipped as already applied, so a crash between the projection's
-//! commit and the publish loses nothing; receivers drop duplicates by sequence.
+//! Updates are confirmed before the relay's checkpoint moves over their events, and a batch
+//! published again (after a crash, or by a standby that took over) is announced again, so
+//! nothing is lost; receivers drop duplicates by sequence.
 
 use chrono::{DateTime, Utc};
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, PublisherConfirm};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::amqp::BusError;
@@ -45,48 +45,19 @@ pub const BATCH_ROUTING_KEY: &str = "updates";
 /// The AMQP `type` of a message of updates (a JSON array of [`ChatUpdate`]).
 pub const BATCH_TYPE: &str = "apex.chat.updates";
 
-/// Timeline entries with `lo <= sequence <= hi` for each `(instance, lo, hi)`, in order;
-/// creation entries excluded.
-pub async fn entries(
-    pool: &PgPool,
-    ranges: &[(Uuid, i64, i64)],
-) -> Result<Vec<ChatUpdate>, sqlx::Error> {
-    let ids: Vec<Uuid> = ranges.iter().map(|r| r.0).collect();
-    let los: Vec<i64> = ranges.iter().map(|r| r.1).collect();
-    let his: Vec<i64> = ranges.iter().map(|r| r.2).collect();
-    sqlx::query_as(
-        // LATERAL: one primary-key range scan per run. A plain join let the planner pick a
-        // sequential scan of the whole timeline per batch (a plan made while the table was
-        // small), which made each batch cost more as the timeline grew.
-        "SELECT DISTINCT t.instance_id, t.sequence, t.owner_id, t.kind, t.at, t.display, t.traceparent
-           FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, lo, hi)
-           CROSS JOIN LATERAL (
-                SELECT * FROM rm_timeline
-                 WHERE instance_id = r.id AND sequence BETWEEN r.lo AND r.hi
-                   AND kind <> 'instance_created'
-           ) t
-          ORDER BY t.instance_id, t.sequence",
-    )
-    .bind(&ids)
-    .bind(&los)
-    .bind(&his)
-    .fetch_all(pool)
-    .await
-}
-
-/// Publishes `updates` to the chat exchange as one message and waits for its confirm.
+/// Publishes `updates` to the chat exchange as one message without waiting for the broker;
+/// returns its confirm (none for no updates).
 ///
 /// One message per batch rather than one per update: at 10,000 events/s the per-update
-/// messages (each routed by owner) cost the broker and the projector more than the updates
-/// themselves, and a replica that has none of the owners connected drops a batch with one
-/// lookup per update.
-pub async fn publish(
+/// messages (each routed by owner) cost the broker more than the updates themselves, and a
+/// replica that has none of the owners connected drops a batch with one lookup per update.
+pub async fn send(
     channel: &Channel,
     exchange: &str,
     updates: &[ChatUpdate],
-) -> Result<(), BusError> {
+) -> Result<Option<PublisherConfirm>, BusError> {
     if updates.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let body = serde_json::to_vec(updates).map_err(|e| BusError::Encode(e.to_string()))?;
     let confirm = channel
@@ -100,8 +71,5 @@ pub async fn publish(
                 .with_type(BATCH_TYPE.into()),
         )
         .await?;
-    if !confirm.await?.is_ack() {
-        return Err(BusError::Nacked);
-    }
-    Ok(())
+    Ok(Some(confirm))
 }

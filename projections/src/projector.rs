@@ -4,9 +4,10 @@
 //! * Groups: the read models fed by the same aggregate type share one queue and one consumer
 //!   (Axon's processing group): a delivery is received, decoded and acknowledged once, and each
 //!   batch is applied to the group's read models concurrently, each in its own transaction with
-//!   its own offsets, status and dead letters. The timeline announces its entries to the chat
-//!   exchange as soon as it has committed them; the batch is acknowledged once every read
-//!   model has it. A large batch (a backlog) is first tried in one transaction over all of the
+//!   its own offsets, status and dead letters; the batch is acknowledged once every read model
+//!   has it. (The chat timeline is not among them: it is written with the events themselves,
+//!   and the relay announces its entries, see `apex_commands::inline` and [`crate::relay`].)
+//!   A large batch (a backlog) is first tried in one transaction over all of the
 //!   group's read models, each still with its own offsets and status.
 //! * Idempotent: `projector_offsets` holds, per read model and aggregate, the last sequence
 //!   applied, updated in the same transaction as the read model. An event at or below it is
@@ -38,10 +39,9 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::amqp::{self, AmqpConfig, Backoff, BusError};
-use crate::chat::ChatUpdate;
 use crate::envelope::{CloudEvent, DomainEvent, StoredEvent};
 use crate::read_models::ReadModel;
-use crate::rebuild::batch::{self, RunOwners};
+use crate::rebuild::batch;
 use crate::store;
 
 /// A projector group: the read models fed from one queue by one consumer session.
@@ -71,21 +71,28 @@ impl ProjectorGroup {
             ProjectorGroup::Agent => &[ReadModel::Agents],
             ProjectorGroup::Instance => &[
                 ReadModel::Instances,
-                ReadModel::Timeline,
                 ReadModel::AgentStats,
                 ReadModel::Usage,
             ],
         }
     }
 
-    /// The group of `model` (exhaustive: a new read model must be given a group).
-    pub fn of(model: ReadModel) -> Self {
+    /// Every read model a projector group maintains: all but the inline timeline.
+    pub fn projected() -> impl Iterator<Item = ReadModel> {
+        ProjectorGroup::ALL
+            .into_iter()
+            .flat_map(|g| g.models().iter().copied())
+    }
+
+    /// The group that maintains `model`; `None` for the timeline, which is written with the
+    /// events (an inline projection). Exhaustive: a new read model must be given a group.
+    pub fn of(model: ReadModel) -> Option<Self> {
         match model {
-            ReadModel::Agents => ProjectorGroup::Agent,
-            ReadModel::Instances
-            | ReadModel::Timeline
-            | ReadModel::AgentStats
-            | ReadModel::Usage => ProjectorGroup::Instance,
+            ReadModel::Agents => Some(ProjectorGroup::Agent),
+            ReadModel::Instances | ReadModel::AgentStats | ReadModel::Usage => {
+                Some(ProjectorGroup::Instance)
+            }
+            ReadModel::Timeline => None,
         }
     }
 
@@ -114,11 +121,13 @@ impl FromStr for ProjectorGroup {
             return Ok(group);
         }
         let names: Vec<_> = ProjectorGroup::ALL.iter().map(|g| g.name()).collect();
-        let hint = match s.parse::<ReadModel>() {
-            Ok(model) => format!(
-                "; read model `{s}` is maintained by projector group `{}`",
-                ProjectorGroup::of(model)
-            ),
+        let hint = match s.parse::<ReadModel>().map(ProjectorGroup::of) {
+            Ok(Some(group)) => {
+                format!("; read model `{s}` is maintained by projector group `{group}`")
+            }
+            Ok(None) => {
+                format!("; read model `{s}` is written with the events, by no projector group")
+            }
             Err(_) => String::new(),
         };
         Err(format!(
@@ -181,11 +190,7 @@ impl ProjectorConfig {
         ProjectorGroup::ALL
             .into_iter()
             .map(|g| self.queue(g))
-            .chain(
-                ReadModel::ALL
-                    .into_iter()
-                    .map(|m| self.dead_letter_queue(m)),
-            )
+            .chain(ProjectorGroup::projected().map(|m| self.dead_letter_queue(m)))
             .collect()
     }
 }
@@ -244,10 +249,9 @@ pub async fn run(
 ) {
     let initial = Duration::from_millis(200);
     let mut backoff = Backoff::new(initial, Duration::from_secs(10));
-    let owners = RunOwners::new();
     while !*shutdown.borrow() {
         let started = std::time::Instant::now();
-        match session(&pool, group, &config, &owners, &mut shutdown).await {
+        match session(&pool, group, &config, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(30) {
@@ -268,7 +272,6 @@ async fn session(
     pool: &PgPool,
     group: ProjectorGroup,
     config: &ProjectorConfig,
-    owners: &RunOwners,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
     for model in group.models() {
@@ -285,16 +288,11 @@ async fn session(
         .basic_qos(config.prefetch, BasicQosOptions::default())
         .await?;
     let dlq_channel = amqp::confirm_channel(&connection).await?;
-    // The timeline announces committed entries to the chat exchange.
-    let chat_channel = if group.models().contains(&ReadModel::Timeline) {
-        let channel = amqp::confirm_channel(&connection).await?;
-        amqp::declare_exchange(&channel, &config.amqp.chat_exchange).await?;
-        Some(channel)
-    } else {
-        None
-    };
     for model in group.models() {
-        drain_legacy(pool, *model, config, &connection, &dlq_channel, owners).await?;
+        drain_legacy(pool, group, *model, config, &connection, &dlq_channel).await?;
+    }
+    if group == ProjectorGroup::Instance {
+        retire_timeline_queue(config, &connection).await?;
     }
     let queue = config.queue(group);
     let mut consumer = channel
@@ -331,34 +329,12 @@ async fn session(
             }
         }
         let decoded: Vec<_> = batch.iter().map(|d| (d, decode(&d.data))).collect();
-        let chat = chat_channel.as_ref();
-        let grouped = if decoded.len() >= config.group_transaction_from {
-            process_group(pool, &mut group_connection, group, &decoded, owners).await
-        } else {
-            None
-        };
-        if let Some(entries) = grouped {
-            if let Some(chat) = chat {
-                let applied = Applied::Entries(entries);
-                announce(pool, chat, &config.amqp.chat_exchange, applied).await?;
-            }
-        } else {
+        let grouped = decoded.len() >= config.group_transaction_from
+            && process_group(pool, &mut group_connection, group, &decoded).await;
+        if !grouped {
             let models = group.models().iter().zip(connections.iter_mut());
             let results = futures::future::join_all(models.map(|(model, connection)| {
-                let decoded = &decoded;
-                let dlq = &dlq_channel;
-                async move {
-                    let applied =
-                        process(pool, connection, *model, config, dlq, decoded, owners).await?;
-                    // The timeline announces as soon as it has committed, without waiting for
-                    // the group's other read models.
-                    if *model == ReadModel::Timeline
-                        && let Some(chat) = chat
-                    {
-                        announce(pool, chat, &config.amqp.chat_exchange, applied).await?;
-                    }
-                    Ok::<_, ProjectorError>(())
-                }
+                process(pool, connection, *model, config, &dlq_channel, &decoded)
             }))
             .await;
             for result in results {
@@ -380,29 +356,14 @@ async fn session(
 /// the offsets, whichever comes first.
 async fn drain_legacy(
     pool: &PgPool,
+    group: ProjectorGroup,
     model: ReadModel,
     config: &ProjectorConfig,
     connection: &Connection,
     dlq: &Channel,
-    owners: &RunOwners,
 ) -> Result<(), ProjectorError> {
     let queue = config.legacy_queue(model);
-    // Declared as it was (durable, no arguments) rather than probed: a passive declare of a
-    // missing queue is a channel error. A queue that did not exist is created empty here and
-    // deleted below.
-    let channel = connection.create_channel().await?;
-    amqp::declare_queue(&channel, &queue).await?;
-    let group = ProjectorGroup::of(model);
-    for key in group.routing_keys() {
-        channel
-            .queue_unbind(
-                queue.as_str().into(),
-                config.amqp.exchange.as_str().into(),
-                (*key).into(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
+    let channel = unbound_legacy_queue(config, connection, &queue, group).await?;
     let mut drained = 0_u64;
     while let Some(message) = channel
         .basic_get(queue.as_str().into(), BasicGetOptions::default())
@@ -410,7 +371,7 @@ async fn drain_legacy(
     {
         let delivery = &message.delivery;
         let decoded = [(delivery, decode(&delivery.data))];
-        process(pool, &mut None, model, config, dlq, &decoded, owners).await?;
+        process(pool, &mut None, model, config, dlq, &decoded).await?;
         delivery.ack(BasicAckOptions::default()).await?;
         drained += 1;
     }
@@ -435,6 +396,56 @@ async fn drain_legacy(
     Ok(())
 }
 
+/// Deletes the queue the timeline had when a projector maintained it (`<prefix>.timeline`,
+/// from before the groups), unbound first: the timeline is written with the events now, so a
+/// queue left behind would only fill up. Whatever it still held is in the store; `apex rebuild
+/// timeline` adds it to the timeline (docs/operations/rebuild.md).
+async fn retire_timeline_queue(
+    config: &ProjectorConfig,
+    connection: &Connection,
+) -> Result<(), ProjectorError> {
+    let queue = config.legacy_queue(ReadModel::Timeline);
+    let channel =
+        unbound_legacy_queue(config, connection, &queue, ProjectorGroup::Instance).await?;
+    let dropped = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    if dropped > 0 {
+        tracing::warn!(
+            queue,
+            dropped,
+            "deleted the timeline's old queue with messages in it: run `apex rebuild timeline` to add them"
+        );
+    }
+    let _ = channel.close(200, "timeline queue retired".into()).await;
+    Ok(())
+}
+
+/// A channel on which the old `queue` exists, unbound from `group`'s routing keys, so nothing
+/// new arrives in it. Declared as it was (durable, no arguments) rather than probed: a passive
+/// declare of a missing queue is a channel error. A queue that did not exist is created empty
+/// here, and deleted by the caller.
+async fn unbound_legacy_queue(
+    config: &ProjectorConfig,
+    connection: &Connection,
+    queue: &str,
+    group: ProjectorGroup,
+) -> Result<Channel, ProjectorError> {
+    let channel = connection.create_channel().await?;
+    amqp::declare_queue(&channel, queue).await?;
+    for key in group.routing_keys() {
+        channel
+            .queue_unbind(
+                queue.into(),
+                config.amqp.exchange.as_str().into(),
+                (*key).into(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(channel)
+}
+
 /// A delivery decoded, or why it cannot be.
 struct Decoded {
     /// The event's row, its payload taken out (`Null`): it lives on as `event`.
@@ -444,43 +455,6 @@ struct Decoded {
 
 /// A delivery and its decoding (or why it has none).
 type Decoding<'a> = (&'a Delivery, Result<Decoded, String>);
-
-/// What a processed batch announces to the chat exchange.
-enum Applied {
-    /// The timeline entries the set-based fold wrote, in store order.
-    Entries(Vec<ChatUpdate>),
-    /// The instance sequences applied or already applied, `(instance, first, last)`: their
-    /// timeline entries are read back.
-    Ranges(Vec<(uuid::Uuid, i64, i64)>),
-}
-
-/// Publishes the timeline entries of `applied` to the chat exchange.
-async fn announce(
-    pool: &PgPool,
-    channel: &Channel,
-    exchange: &str,
-    applied: Applied,
-) -> Result<(), ProjectorError> {
-    let updates = match applied {
-        Applied::Entries(updates) => updates,
-        Applied::Ranges(ranges) if ranges.is_empty() => return Ok(()),
-        Applied::Ranges(ranges) => crate::chat::entries(pool, &ranges).await?,
-    };
-    crate::chat::publish(channel, exchange, &updates).await?;
-    Ok(())
-}
-
-/// The sequences an outcome covers, for instance events: `(instance, first, last)`.
-fn covered(stored: &StoredEvent, outcome: Outcome) -> Option<(uuid::Uuid, i64, i64)> {
-    if stored.aggregate_type != "instance" {
-        return None;
-    }
-    let id = uuid::Uuid::parse_str(&stored.aggregate_id).ok()?;
-    Some(match outcome {
-        Outcome::Applied { repaired } => (id, stored.sequence - repaired as i64, stored.sequence),
-        Outcome::Skipped => (id, stored.sequence, stored.sequence),
-    })
-}
 
 /// The fast path of a group of several read models for a large batch: every read model's
 /// set-based fold of the batch in one transaction, on a connection the group keeps, so a batch
@@ -497,8 +471,7 @@ fn covered(stored: &StoredEvent, outcome: Outcome) -> Option<(uuid::Uuid, i64, i
 /// to the chat: there the four transactions' round trips overlap, and the folds one after the
 /// other measured slower (docs/benchmarks.md, change 34).
 ///
-/// Returns the timeline entries written, after the commit. `None`, having written nothing,
-/// when a delivery did not decode, a read model's batch is not a clean continuation of its
+/// Returns whether it applied the batch: `false`, having written nothing, when a delivery did not decode, a read model's batch is not a clean continuation of its
 /// streams (a duplicate, a gap, a read model ahead of the others after its rebuild), or the
 /// transaction failed: each read model then takes the batch on its own ([`process`]), where
 /// dead letters, duplicates, gap repair and retries are handled per read model.
@@ -507,50 +480,48 @@ async fn process_group(
     connection: &mut Option<PoolConnection<Postgres>>,
     group: ProjectorGroup,
     batch: &[Decoding<'_>],
-    owners: &RunOwners,
-) -> Option<Vec<ChatUpdate>> {
+) -> bool {
     let models = group.models();
     if models.len() < 2 || models.contains(&ReadModel::Agents) {
-        return None;
+        return false;
     }
-    let decoded = batch
+    let Some(decoded) = batch
         .iter()
         .map(|(delivery, d)| d.as_ref().ok().map(|d| (*delivery, d)))
-        .collect::<Option<Vec<_>>>()?;
-    let result: Result<Option<Vec<ChatUpdate>>, sqlx::Error> = async {
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    let result: Result<bool, sqlx::Error> = async {
         let conn = match connection.take() {
             Some(conn) => conn,
             None => pool.acquire().await?,
         };
         let conn: &mut PgConnection = connection.insert(conn);
         let mut tx = sqlx::Connection::begin_with(conn, group_begin_statement(models)).await?;
-        let mut timeline = Vec::new();
         for model in models {
-            let Some(entries) = apply_set_based(&mut tx, *model, &decoded, owners).await? else {
+            if !apply_set_based(&mut tx, *model, &decoded).await? {
                 tx.rollback().await?;
-                return Ok(None);
-            };
-            if *model == ReadModel::Timeline {
-                timeline = entries;
+                return Ok(false);
             }
         }
         tx.commit().await?;
-        Ok(Some(timeline))
+        Ok(true)
     }
     .await;
     match result {
-        Ok(Some(timeline)) => {
+        Ok(true) => {
             for model in models {
                 metrics::counter!("apex_projector_processed_total", "projector" => model.name())
                     .increment(decoded.len() as u64);
                 record_delay(*model, &decoded);
             }
-            Some(timeline)
+            true
         }
-        Ok(None) => {
+        Ok(false) => {
             metrics::counter!("apex_projector_group_fallback_total", "group" => group.name())
                 .increment(1);
-            None
+            false
         }
         Err(e) => {
             // As in `process`: closing the connection makes PostgreSQL roll back at once.
@@ -560,14 +531,13 @@ async fn process_group(
             metrics::counter!("apex_projector_group_fallback_total", "group" => group.name())
                 .increment(1);
             tracing::warn!(projector = group.name(), error = %e, size = decoded.len(), "group batch failed; applying it per read model");
-            None
+            false
         }
     }
 }
 
 /// Applies a batch of deliveries to one read model (all of them are acknowledged by the
-/// caller afterwards). Returns what it applied or found already applied (for the chat
-/// announcement).
+/// caller afterwards).
 ///
 /// The batch's transaction runs on `connection`, which the read model keeps from batch to
 /// batch (taken from the pool when it has none): sqlx checks every connection given back to
@@ -583,8 +553,7 @@ async fn process(
     config: &ProjectorConfig,
     dlq: &Channel,
     batch: &[Decoding<'_>],
-    owners: &RunOwners,
-) -> Result<Applied, ProjectorError> {
+) -> Result<(), ProjectorError> {
     let mut decoded = Vec::with_capacity(batch.len());
     for (delivery, d) in batch {
         match d {
@@ -593,35 +562,33 @@ async fn process(
         }
     }
     if decoded.is_empty() {
-        return Ok(Applied::Ranges(Vec::new()));
+        return Ok(());
     }
     // Fast path: the whole batch in one transaction; set-based when it continues every stream
     // exactly (no duplicate, no gap), event by event otherwise.
-    let whole: Result<Applied, sqlx::Error> = async {
+    let whole: Result<(), sqlx::Error> = async {
         let conn = match connection.take() {
             Some(conn) => conn,
             None => pool.acquire().await?,
         };
         let mut tx = begin_on(connection.insert(conn), model).await?;
-        if let Some(entries) = apply_set_based(&mut tx, model, &decoded, owners).await? {
+        if apply_set_based(&mut tx, model, &decoded).await? {
             tx.commit().await?;
             metrics::counter!("apex_projector_processed_total", "projector" => model.name())
                 .increment(decoded.len() as u64);
-            return Ok(Applied::Entries(entries));
+            return Ok(());
         }
-        let mut applied = Vec::with_capacity(decoded.len());
         for (_, d) in &decoded {
-            let outcome = apply_one(&mut tx, model, &d.stored, &d.event).await?;
-            applied.extend(covered(&d.stored, outcome));
+            apply_one(&mut tx, model, &d.stored, &d.event).await?;
         }
         tx.commit().await?;
-        Ok(Applied::Ranges(applied))
+        Ok(())
     }
     .await;
     match whole {
-        Ok(applied) => {
+        Ok(()) => {
             record_delay(model, &decoded);
-            return Ok(applied);
+            return Ok(());
         }
         Err(e) => {
             if let Some(mut conn) = connection.take() {
@@ -630,14 +597,15 @@ async fn process(
             tracing::warn!(projector = model.name(), error = %e, size = decoded.len(), "batch failed; applying one by one")
         }
     }
-    let mut applied = Vec::with_capacity(decoded.len());
     for (delivery, d) in decoded {
-        if let Some(outcome) = apply_with_retry(pool, model, config, dlq, delivery, d).await? {
-            applied.extend(covered(&d.stored, outcome));
+        if apply_with_retry(pool, model, config, dlq, delivery, d)
+            .await?
+            .is_some()
+        {
             record_delay(model, &[(delivery, d)]);
         }
     }
-    Ok(Applied::Ranges(applied))
+    Ok(())
 }
 
 /// `apex_projector_apply_delay_seconds`: how long after it was recorded each event of a
@@ -650,17 +618,16 @@ fn record_delay(model: ReadModel, committed: &[(&Delivery, &Decoded)]) {
 }
 
 /// Applies the batch with one statement per table (see `rebuild::batch`); each event then gets
-/// a `project` span continuing its command's trace. Returns the timeline entries written (none
-/// for the other read models); `None`, having written no read model, when the batch does not
-/// continue its streams exactly or the read model has no set-based form.
+/// a `project` span continuing its command's trace. Returns `false`, having written nothing,
+/// when the batch does not continue its streams exactly or the read model has no set-based
+/// form.
 async fn apply_set_based(
     conn: &mut PgConnection,
     model: ReadModel,
     decoded: &[(&Delivery, &Decoded)],
-    owners: &RunOwners,
-) -> Result<Option<Vec<ChatUpdate>>, sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     if model == ReadModel::Agents || decoded.is_empty() {
-        return Ok(None);
+        return Ok(false);
     }
     let batch_span = tracing::debug_span!(
         "project.batch",
@@ -668,18 +635,17 @@ async fn apply_set_based(
         size = decoded.len()
     );
     let events = decoded.iter().map(|(_, d)| (&d.stored, &d.event));
-    let mut entries = Vec::new();
-    if !batch::apply_collecting(conn, model, events, Some(&mut entries), Some(owners))
+    if !batch::apply(conn, model, events)
         .instrument(batch_span)
         .await?
     {
-        return Ok(None);
+        return Ok(false);
     }
     for (_, d) in decoded {
         project_span(model, &d.stored)
             .in_scope(|| tracing::trace!(batch = decoded.len(), "projected in a batch"));
     }
-    Ok(Some(entries))
+    Ok(true)
 }
 
 fn decode(body: &[u8]) -> Result<Decoded, String> {
@@ -1024,15 +990,37 @@ mod tests {
                 .into_iter()
                 .filter(|g| g.models().contains(&model))
                 .collect();
-            assert_eq!(holders, vec![ProjectorGroup::of(model)], "{model}");
-            assert_eq!(ProjectorGroup::of(model).name(), model.aggregate_type());
+            let group = ProjectorGroup::of(model);
+            assert_eq!(holders, group.into_iter().collect::<Vec<_>>(), "{model}");
+            if let Some(group) = group {
+                assert_eq!(group.name(), model.aggregate_type());
+            }
         }
+        // The timeline is the one inline projection.
+        assert_eq!(ProjectorGroup::of(ReadModel::Timeline), None);
     }
 
     #[test]
     fn a_read_model_name_is_refused_as_a_group_with_its_group_named() {
-        let err = "timeline".parse::<ProjectorGroup>().unwrap_err();
+        let err = "usage".parse::<ProjectorGroup>().unwrap_err();
         assert!(err.contains("projector group `instance`"), "{err}");
+        let err = "timeline".parse::<ProjectorGroup>().unwrap_err();
+        assert!(err.contains("by no projector group"), "{err}");
         assert_eq!("agent".parse::<ProjectorGroup>(), Ok(ProjectorGroup::Agent));
+    }
+
+    #[test]
+    fn the_projectors_declare_no_dead_letter_queue_for_the_inline_timeline() {
+        let config = ProjectorConfig::new(AmqpConfig {
+            uri: "amqp://localhost".to_owned(),
+            exchange: "apex.events".to_owned(),
+            chat_exchange: "apex.chat".to_owned(),
+        });
+        let queues = config.queues();
+        assert!(
+            queues.contains(&"apex.projector.usage.dlq".to_owned()),
+            "{queues:?}"
+        );
+        assert!(!queues.iter().any(|q| q.contains("timeline")), "{queues:?}");
     }
 }

@@ -18,7 +18,11 @@
 //!    projector holds it shared while it writes), apply what arrived since, replace the public
 //!    tables and the projector's offsets with the copy's, drop the schema. Readers wait for
 //!    that transaction (milliseconds), they never fail; events that arrive later are applied
-//!    by the live projector to the new tables as usual.
+//!    by the live projector to the new tables as usual. The timeline, written by the appends
+//!    themselves (an inline projection, no projector and no offsets), is locked against writes
+//!    instead (`SHARE ROW EXCLUSIVE`: appends wait, readers do not): once the lock is held
+//!    every committed event's row is in the old table and no append is half done, so the
+//!    catch-up is complete; the appends that waited write into the new table.
 //!
 //! One rebuild per read model runs at a time, across processes: [`try_start`] takes a session
 //! advisory lock without waiting. Every run is recorded in `projection_rebuilds` (status,
@@ -32,7 +36,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::envelope::{DomainEvent, StoredEvent};
-use crate::projector::{apply_one, model_lock_key};
+use crate::projector::{ProjectorGroup, apply_one, model_lock_key};
 use crate::read_models::ReadModel;
 
 pub(crate) mod batch;
@@ -533,14 +537,39 @@ async fn read<'c>(
     batch: i64,
     checkpoint: &mut (i64, i64),
 ) -> Result<Events, RebuildError> {
+    read_from(conn, types, batch, checkpoint, Horizon::Settled).await
+}
+
+/// Which committed events a replay may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Horizon {
+    /// Those below the snapshot horizon, as the relay reads (see [`crate::store`]): nothing
+    /// can commit behind them later, and the live projectors have seen no event above it.
+    Settled,
+    /// Every committed one: only under the inline timeline's write lock, where no append is in
+    /// progress and every committed event's row is in the table being replaced.
+    All,
+}
+
+async fn read_from<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    types: &[&str],
+    batch: i64,
+    checkpoint: &mut (i64, i64),
+    horizon: Horizon,
+) -> Result<Events, RebuildError> {
     // The ORDER BY names the table's columns: a bare `transaction_id` would be the bigint
     // output column, which the (transaction_id, position) index cannot deliver, so every batch
     // would sort the whole rest of the store.
+    let settled = match horizon {
+        Horizon::Settled => "AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
+        Horizon::All => "",
+    };
     let sql = format!(
         "SELECT {REPLAY_COLUMNS} FROM events
           WHERE aggregate_type = ANY($1)
             AND (transaction_id, position) > ($2::text::xid8, $3)
-            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+            {settled}
           ORDER BY events.transaction_id, events.position
           LIMIT $4"
     );
@@ -680,7 +709,8 @@ async fn catch_up(
     let mut done = 0;
     loop {
         let mut tx = pool.begin().await?;
-        let applied = replay_batch(&mut tx, model, &schema, batch, checkpoint).await?;
+        let applied =
+            replay_batch(&mut tx, model, &schema, batch, checkpoint, Horizon::Settled).await?;
         tx.commit().await?;
         done += applied.events;
         if !applied.full {
@@ -701,12 +731,25 @@ async fn swap(
     let schema = schema(model);
     let mut done = 0;
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(model_lock_key(model))
-        .execute(&mut *tx)
-        .await?;
+    let horizon = if ProjectorGroup::of(model).is_some() {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(model_lock_key(model))
+            .execute(&mut *tx)
+            .await?;
+        Horizon::Settled
+    } else {
+        for table in model.tables() {
+            sqlx::query(&format!(
+                "LOCK TABLE public.{table} IN SHARE ROW EXCLUSIVE MODE"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Horizon::All
+    };
     loop {
-        let applied = replay_batch(&mut tx, model, &schema, batch, &mut checkpoint).await?;
+        let applied =
+            replay_batch(&mut tx, model, &schema, batch, &mut checkpoint, horizon).await?;
         done += applied.events;
         if !applied.full {
             break;
@@ -719,11 +762,13 @@ async fn swap(
         .bind(model.name())
         .execute(&mut *tx)
         .await?;
-    sqlx::query(&format!(
-        "INSERT INTO public.projector_offsets SELECT * FROM {schema}.projector_offsets"
-    ))
-    .execute(&mut *tx)
-    .await?;
+    if ProjectorGroup::of(model).is_some() {
+        sqlx::query(&format!(
+            "INSERT INTO public.projector_offsets SELECT * FROM {schema}.projector_offsets"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
     for table in model.tables() {
         // `LIKE` copies no privileges: those granted on the table being replaced are granted
         // on its copy, so a role that reads the read model (the API's, a report's) still can.
@@ -769,12 +814,20 @@ async fn replay_batch(
     schema: &str,
     batch: i64,
     checkpoint: &mut (i64, i64),
+    horizon: Horizon,
 ) -> Result<Batch, RebuildError> {
     sqlx::query(&format!("SET LOCAL search_path = {schema}, public"))
         .execute(&mut *conn)
         .await?;
     // Only the read model's aggregate type: the checkpoint moves over the rest unread.
-    let events = read(&mut *conn, &[model.aggregate_type()], batch, checkpoint).await?;
+    let events = read_from(
+        &mut *conn,
+        &[model.aggregate_type()],
+        batch,
+        checkpoint,
+        horizon,
+    )
+    .await?;
     let full = events.len() as i64 == batch;
     apply_events(conn, model, &events).await?;
     Ok(Batch {

@@ -12,6 +12,11 @@
 //!   the lock and takes over when the holder dies.
 //! * Latency: `LISTEN apex_events` wakes the relay when a transaction that appended commits;
 //!   a poll interval is the safety net.
+//! * Chat: the chat timeline is written with the events (an inline projection, see
+//!   `apex_commands::inline`), so the read that takes a batch also takes its timeline rows,
+//!   and the relay announces them to the chat exchange as one message, next to the batch's
+//!   events; the checkpoint moves only when both are confirmed. A batch published again is
+//!   announced again: receivers drop updates they have (by run and sequence).
 
 use std::time::Duration;
 
@@ -143,6 +148,7 @@ async fn session(
     let connection = amqp::connect(&config.amqp, &format!("apex-relay-{}", config.name)).await?;
     let channel = amqp::confirm_channel(&connection).await?;
     amqp::declare_exchange(&channel, &config.amqp.exchange).await?;
+    amqp::declare_exchange(&channel, &config.amqp.chat_exchange).await?;
     let mut projectors = ProjectorConfig::new(config.amqp.clone());
     projectors.queue_prefix = config.projector_queue_prefix.clone();
     for group in ProjectorGroup::ALL {
@@ -187,11 +193,18 @@ async fn publish_loop(
         if read_now && in_flight.len() < MAX_BATCHES_IN_FLIGHT {
             let store::Settled {
                 events: batch,
+                chat,
                 held_back,
             } = store::after_checkpoint(&mut *lock_conn, xid, position, config.batch_size).await?;
             let full = batch.len() as i64 == config.batch_size;
             if let Some(last) = batch.last() {
-                let confirms = send_batch(channel, &config.amqp.exchange, &batch).await?;
+                // The chat message first: a chat client waits for it, the projectors do not.
+                let mut confirms: Vec<_> =
+                    crate::chat::send(channel, &config.amqp.chat_exchange, &chat)
+                        .await?
+                        .into_iter()
+                        .collect();
+                confirms.extend(send_batch(channel, &config.amqp.exchange, &batch).await?);
                 crate::delay::record(
                     &metrics::histogram!("apex_relay_publish_delay_seconds"),
                     batch.iter().map(|e| e.recorded_at),

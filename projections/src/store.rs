@@ -6,6 +6,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
+use crate::chat::ChatUpdate;
 use crate::envelope::StoredEvent;
 
 /// Columns selected for a [`StoredEvent`].
@@ -66,6 +67,9 @@ pub async fn aggregate_range(
 pub struct Settled {
     /// Up to the limit of events whose transactions are all finished, in relay order.
     pub events: Vec<StoredEvent>,
+    /// The chat updates of those events: their timeline rows (written with them), creations
+    /// excluded, in the same order.
+    pub chat: Vec<ChatUpdate>,
     /// Whether committed events after them are held back by the snapshot horizon (an older
     /// transaction, anywhere in the cluster, is still running): they are returned once it ends.
     pub held_back: bool,
@@ -76,21 +80,35 @@ pub struct Settled {
 /// transaction below that horizon has committed or aborted, so no event can appear later
 /// below the checkpoint: reading in `(transaction_id, position)` order skips nothing.
 ///
-/// One statement reads the events and finds whether any are held back (they sort after every
-/// settled one), instead of a second query after each read that is not full.
+/// One statement reads the events, their timeline rows (the chat updates to announce), and
+/// finds whether any are held back (they sort after every settled one), instead of a second
+/// query after each read that is not full.
 pub async fn after_checkpoint<'e>(
     executor: impl PgExecutor<'e>,
     transaction_id: i64,
     position: i64,
     limit: i64,
 ) -> Result<Settled, sqlx::Error> {
+    // The timeline rows are looked up per event (a LATERAL with LIMIT, so the planner cannot
+    // turn it into a hash join over the whole timeline). An instance's id is a uuid by
+    // construction (every command parses it); a row written by hand with another id fails
+    // the cast and stops the relay, loudly, as an event it cannot encode does.
     let sql = format!(
-        "SELECT {EVENT_COLUMNS},
-                transaction_id < pg_snapshot_xmin(pg_current_snapshot()) AS settled
-           FROM events
-          WHERE (transaction_id, position) > ($1::text::xid8, $2)
-          ORDER BY events.transaction_id, events.position
-          LIMIT $3"
+        "SELECT e.*, t.owner_id AS chat_owner, t.kind AS chat_kind, t.at AS chat_at,
+                t.display AS chat_display, t.traceparent AS chat_traceparent
+           FROM (SELECT {EVENT_COLUMNS},
+                        transaction_id < pg_snapshot_xmin(pg_current_snapshot()) AS settled
+                   FROM events
+                  WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                  ORDER BY events.transaction_id, events.position
+                  LIMIT $3) e
+           LEFT JOIN LATERAL (
+                SELECT owner_id, kind, at, display, traceparent FROM rm_timeline
+                 WHERE e.aggregate_type = 'instance'
+                   AND instance_id = e.aggregate_id::uuid AND sequence = e.sequence
+                   AND kind <> 'instance_created'
+                 LIMIT 1) t ON true
+          ORDER BY e.transaction_id, e.position"
     );
     let rows = sqlx::query(&sql)
         .bind(transaction_id.to_string())
@@ -99,6 +117,7 @@ pub async fn after_checkpoint<'e>(
         .fetch_all(executor)
         .await?;
     let mut events = Vec::with_capacity(rows.len());
+    let mut chat = Vec::new();
     let mut held_back = false;
     for row in &rows {
         if !row.try_get::<bool, _>("settled")? {
@@ -108,9 +127,26 @@ pub async fn after_checkpoint<'e>(
         if events.len() as i64 == limit {
             break;
         }
-        events.push(from_row(row)?);
+        let event = from_row(row)?;
+        if let Some(kind) = row.try_get::<Option<String>, _>("chat_kind")? {
+            chat.push(ChatUpdate {
+                instance_id: Uuid::parse_str(&event.aggregate_id)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                sequence: event.sequence,
+                owner_id: row.try_get("chat_owner")?,
+                kind,
+                at: row.try_get("chat_at")?,
+                display: row.try_get("chat_display")?,
+                traceparent: row.try_get("chat_traceparent")?,
+            });
+        }
+        events.push(event);
     }
-    Ok(Settled { events, held_back })
+    Ok(Settled {
+        events,
+        chat,
+        held_back,
+    })
 }
 
 /// Up to `limit` events after the checkpoint in `(transaction_id, position)` order, without

@@ -1,6 +1,6 @@
 //! `live`: command accepted → step received on a connected WebSocket client, at 1,000
-//! commands/s for 60 s, through the whole pipeline (store → relay → RabbitMQ → timeline
-//! projector → chat exchange → hub → socket), with every projector running.
+//! commands/s for 60 s, through the whole pipeline (append with the inline timeline → relay →
+//! chat exchange → hub → socket), with every projector running.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apex_projections::ProjectorGroup;
-use apex_projections::ReadModel;
 use apex_projections::amqp;
 use apex_projections::projector;
 use serde_json::json;
@@ -62,12 +61,13 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
     }
     stack.workers(false, &ProjectorGroup::ALL);
     // Every projector has a session (its status row) before the stream starts.
+    let projected = ProjectorGroup::projected().count();
     let ready = Instant::now();
     loop {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM projector_status")
             .fetch_one(&stack.pool)
             .await?;
-        if n >= ReadModel::ALL.len() as i64 || ready.elapsed() > Duration::from_secs(30) {
+        if n >= projected as i64 || ready.elapsed() > Duration::from_secs(30) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -239,9 +239,9 @@ pub(crate) async fn wait_projected(
 pub(crate) async fn min_instance_processed(pool: &PgPool) -> anyhow::Result<i64> {
     let (count, min): (i64, Option<i64>) = sqlx::query_as(
         "SELECT count(*), min(processed_total) FROM projector_status
-          WHERE projector IN ('instances', 'timeline', 'agent_stats', 'usage')",
+          WHERE projector IN ('instances', 'agent_stats', 'usage')",
     )
     .fetch_one(pool)
     .await?;
-    Ok(if count < 4 { 0 } else { min.unwrap_or(0) })
+    Ok(if count < 3 { 0 } else { min.unwrap_or(0) })
 }

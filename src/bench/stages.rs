@@ -1,5 +1,6 @@
 //! Where an event's time goes on its way to the chat: the pipeline's delay histograms (the
-//! relay's publish, each read model's commit, the chat hub's receipt; see
+//! relay's publish of the event and its chat update, each projected read model's commit, the
+//! chat hub's receipt; see
 //! `docs/operations/observability.md`), read from this process's metrics before and after a
 //! measurement. The bench runs the API, the relay and the projectors in its own process, so
 //! their observations are all here.
@@ -11,13 +12,8 @@ use serde_json::{Value, json};
 use super::stats::round;
 
 /// The stages, in pipeline order: (name in the report, metric, label set).
-const STAGES: [(&str, &str, &str); 6] = [
+const STAGES: [(&str, &str, &str); 5] = [
     ("relay_published", "apex_relay_publish_delay_seconds", ""),
-    (
-        "timeline_committed",
-        "apex_projector_apply_delay_seconds",
-        r#"projector="timeline""#,
-    ),
     (
         "instances_committed",
         "apex_projector_apply_delay_seconds",
@@ -201,10 +197,10 @@ apex_chat_receive_delay_seconds_bucket{le="0.01"} 110
 apex_chat_receive_delay_seconds_bucket{le="+Inf"} 110
 apex_chat_receive_delay_seconds_sum 0.73
 apex_chat_receive_delay_seconds_count 110
-apex_projector_apply_delay_seconds_bucket{projector="timeline",le="0.005"} 4
-apex_projector_apply_delay_seconds_bucket{projector="timeline",le="+Inf"} 4
-apex_projector_apply_delay_seconds_sum{projector="timeline"} 0.008
-apex_projector_apply_delay_seconds_count{projector="timeline"} 4
+apex_projector_apply_delay_seconds_bucket{projector="usage",le="0.005"} 4
+apex_projector_apply_delay_seconds_bucket{projector="usage",le="+Inf"} 4
+apex_projector_apply_delay_seconds_sum{projector="usage"} 0.008
+apex_projector_apply_delay_seconds_count{projector="usage"} 4
 apex_http_requests_total{route="/x"} 3
 "#;
 
@@ -218,9 +214,9 @@ apex_http_requests_total{route="/x"} 3
         // The 50th of 100 is the 30th of the 80 in (5, 10] ms.
         assert_eq!(chat["p50_ms"], 6.875);
         assert_eq!(chat["p90_ms"], 9.375);
-        let timeline = &stages["timeline_committed"];
-        assert_eq!(timeline["count"], 4.0);
-        assert_eq!(timeline["mean_ms"], 2.0);
+        let usage = &stages["usage_committed"];
+        assert_eq!(usage["count"], 4.0);
+        assert_eq!(usage["mean_ms"], 2.0);
         assert!(stages.get("relay_published").is_none());
     }
 }

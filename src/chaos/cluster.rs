@@ -259,7 +259,7 @@ impl Cluster {
                 "SELECT (SELECT count(*) FROM events e, relay_checkpoints r
                           WHERE r.name = 'main' AND (e.transaction_id, e.position) > (r.transaction_id, r.position))
                       + (SELECT count(*) FROM (SELECT aggregate_type, aggregate_id, max(sequence) AS s FROM events GROUP BY 1, 2) e
-                           CROSS JOIN (VALUES ('agents'), ('instances'), ('timeline'), ('agent_stats'), ('usage')) AS p(projector)
+                           CROSS JOIN (VALUES ('agents'), ('instances'), ('agent_stats'), ('usage')) AS p(projector)
                            LEFT JOIN projector_offsets o
                              ON o.projector = p.projector AND o.aggregate_type = e.aggregate_type AND o.aggregate_id = e.aggregate_id
                           WHERE (e.aggregate_type = 'agent') = (p.projector = 'agents')

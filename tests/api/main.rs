@@ -13,6 +13,7 @@ mod auth;
 mod commands;
 mod concurrency;
 mod group_commit;
+mod inline_timeline;
 mod openapi;
 mod outage;
 mod queries;

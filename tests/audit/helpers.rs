@@ -11,7 +11,7 @@ use apex_commands::{CommandContext, CommandService, RetryPolicy};
 use apex_domain::agent::{AgentAction, AgentCommand, AgentDefinition};
 use apex_domain::instance::InstanceAction;
 use apex_domain::{Actor, ActorRole, AgentId, Tier};
-use apex_projections::ReadModel;
+use apex_projections::ProjectorGroup;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -184,7 +184,11 @@ impl Stack {
                   WHERE (e.aggregate_type = 'agent') = (p.projector = 'agents')
                     AND coalesce(o.last_sequence, 0) < e.s",
             )
-            .bind(ReadModel::ALL.iter().map(|m| m.name()).collect::<Vec<_>>())
+            .bind(
+                ProjectorGroup::projected()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_one(&self.pool)
             .await
             .unwrap();

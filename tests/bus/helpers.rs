@@ -10,10 +10,10 @@ use apex_commands::{CommandContext, CommandService, RetryPolicy};
 use apex_domain::agent::{AgentAction, AgentCommand, AgentDefinition};
 use apex_domain::instance::InstanceAction;
 use apex_domain::{Actor, ActorRole, AgentId, Tier};
+use apex_projections::ProjectorGroup;
 use apex_projections::amqp::{self, AmqpConfig};
 use apex_projections::projector::{self, ProjectorConfig};
 use apex_projections::relay::{self, RelayConfig};
-use apex_projections::{ProjectorGroup, ReadModel};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
@@ -142,6 +142,25 @@ impl Bus {
         (channel, queue)
     }
 
+    /// A queue bound to the chat exchange as an API replica binds it (key `updates`).
+    pub async fn chat_tap(&self, name: &str) -> (Channel, String) {
+        let channel = self.connection.create_channel().await.unwrap();
+        amqp::declare_exchange(&channel, &self.amqp.chat_exchange)
+            .await
+            .unwrap();
+        let queue = format!("{}.chat.{name}", self.prefix);
+        amqp::declare_bound_queue(
+            &channel,
+            &self.amqp.chat_exchange,
+            &queue,
+            &[apex_projections::chat::BATCH_ROUTING_KEY],
+        )
+        .await
+        .unwrap();
+        self.taps.lock().unwrap().push(queue.clone());
+        (channel, queue)
+    }
+
     /// Reads messages from `queue` until `count` arrived or `timeout` passed.
     pub async fn drain(
         &self,
@@ -248,7 +267,11 @@ impl Bus {
                   WHERE (e.aggregate_type = 'agent') = (p.projector = 'agents')
                     AND coalesce(o.last_sequence, 0) < e.s",
             )
-            .bind(ReadModel::ALL.iter().map(|m| m.name()).collect::<Vec<_>>())
+            .bind(
+                ProjectorGroup::projected()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_one(&self.pool)
             .await
             .unwrap();

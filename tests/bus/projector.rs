@@ -118,14 +118,13 @@ async fn duplicate_and_out_of_order_deliveries_leave_the_read_models_exact() {
     bus.wait_projected(Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // let the trailing duplicates arrive
     assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
-    let timeline: Vec<i64> =
-        sqlx::query_scalar("SELECT sequence FROM rm_timeline ORDER BY sequence")
-            .fetch_all(&bus.pool)
-            .await
-            .unwrap();
-    assert_eq!(timeline, vec![1, 2, 3, 4, 5, 6]);
+    let last: i64 = sqlx::query_scalar("SELECT last_sequence FROM rm_instances")
+        .fetch_one(&bus.pool)
+        .await
+        .unwrap();
+    assert_eq!(last, 6);
     let (repaired, skipped): (i64, i64) = sqlx::query_as(
-        "SELECT repaired_total, skipped_total FROM projector_status WHERE projector = 'timeline'",
+        "SELECT repaired_total, skipped_total FROM projector_status WHERE projector = 'instances'",
     )
     .fetch_one(&bus.pool)
     .await
@@ -229,25 +228,16 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
     inject(&bus, ProjectorGroup::Instance, &id, &[1, 2]).await;
 
     let tasks = bus.spawn_projectors();
-    for _ in 0..200 {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_timeline")
-            .fetch_one(&bus.pool)
-            .await
-            .unwrap();
-        if n == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let timeline: Vec<String> =
-        sqlx::query_scalar("SELECT kind FROM rm_timeline ORDER BY sequence")
-            .fetch_all(&bus.pool)
-            .await
-            .unwrap();
-    assert_eq!(timeline, vec!["instance_created", "agent_started"]);
+    let projected: Vec<(String, i64)> = rows_when(
+        &bus,
+        "SELECT status, last_sequence FROM rm_instances WHERE last_sequence = 2",
+        1,
+    )
+    .await;
+    assert_eq!(projected, vec![("running".to_owned(), 2)]);
 
     let reasons: Vec<String> = sqlx::query_scalar(
-        "SELECT reason FROM dead_letters WHERE projector = 'timeline' ORDER BY id",
+        "SELECT reason FROM dead_letters WHERE projector = 'instances' ORDER BY id",
     )
     .fetch_all(&bus.pool)
     .await
@@ -268,7 +258,6 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
         vec![
             ("agent_stats".to_owned(), 2),
             ("instances".to_owned(), 2),
-            ("timeline".to_owned(), 2),
             ("usage".to_owned(), 2)
         ]
     );
@@ -277,7 +266,7 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_later_events_stil
     let mut consumer = dlq_channel
         .basic_consume(
             bus.projector_config()
-                .dead_letter_queue(ReadModel::Timeline)
+                .dead_letter_queue(ReadModel::Instances)
                 .as_str()
                 .into(),
             "dlq-reader".into(),
@@ -336,21 +325,21 @@ async fn a_batch_whose_transaction_fails_is_applied_event_by_event_without_waiti
     let dead: Vec<(String, i64)> = rows_when(
         &bus,
         "SELECT projector, sequence FROM dead_letters ORDER BY projector",
-        4,
+        3,
     )
     .await;
-    let models = ["agent_stats", "instances", "timeline", "usage"];
+    let models = ["agent_stats", "instances", "usage"];
     assert_eq!(
         dead,
         models.map(|m| (m.to_owned(), 9_i64)).to_vec(),
         "the read models stalled on the failed batch"
     );
-    let timeline: Vec<i64> =
-        sqlx::query_scalar("SELECT sequence FROM rm_timeline ORDER BY sequence")
-            .fetch_all(&bus.pool)
+    let (last, thoughts): (i64, i32) =
+        sqlx::query_as("SELECT last_sequence, thought_count FROM rm_instances")
+            .fetch_one(&bus.pool)
             .await
             .unwrap();
-    assert_eq!(timeline, vec![1, 2, 3, 4]);
+    assert_eq!((last, thoughts), (4, 2));
     bus.finish(tasks).await;
 }
 
@@ -365,7 +354,7 @@ async fn counters(bus: &Bus, model: ReadModel) -> (i64, i64) {
     .unwrap()
 }
 
-/// The group applies a batch to its four read models in one transaction. When one of them
+/// The group applies a batch to its three read models in one transaction. When one of them
 /// already has the batch (as after its rebuild from the store), that transaction writes
 /// nothing, and each read model takes the batch on its own: the one ahead skips every event,
 /// the others apply each once, and every read model ends as a replay builds it.
@@ -384,7 +373,7 @@ async fn a_batch_one_read_model_already_has_is_applied_once_by_each_of_the_other
     let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
     for event in &events {
         let decoded = event.decode().unwrap();
-        apex_projections::projector::apply_one(&mut tx, ReadModel::Timeline, event, &decoded)
+        apex_projections::projector::apply_one(&mut tx, ReadModel::Usage, event, &decoded)
             .await
             .unwrap();
     }
@@ -396,20 +385,16 @@ async fn a_batch_one_read_model_already_has_is_applied_once_by_each_of_the_other
     let tasks = bus.spawn_projectors();
     bus.wait_projected(Duration::from_secs(20)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while counters(&bus, ReadModel::Timeline).await.1 < 6 {
+    while counters(&bus, ReadModel::Usage).await.1 < 6 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the timeline never skipped the batch it had"
+            "usage never skipped the batch it had"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
-    assert_eq!(counters(&bus, ReadModel::Timeline).await.1, 6);
-    for model in [
-        ReadModel::Instances,
-        ReadModel::AgentStats,
-        ReadModel::Usage,
-    ] {
+    assert_eq!(counters(&bus, ReadModel::Usage).await.1, 6);
+    for model in [ReadModel::Instances, ReadModel::AgentStats] {
         assert_eq!(
             counters(&bus, model).await,
             (6, 0),
@@ -425,9 +410,35 @@ async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_d
     bus.agent("triage", &["search"]).await;
     let id = bus.run("user-1", "triage").await;
     bus.think(&id, 2).await; // sequences 1..=4
-    // The topology before the groups: the timeline's own queue, bound to instance events and
+    // The topology before the groups: the runs' own queue, bound to instance events and
     // still holding some.
-    let legacy = bus.projector_config().legacy_queue(ReadModel::Timeline);
+    let legacy = old_queue_holding(&bus, ReadModel::Instances, &id, &[1, 2, 3, 4]).await;
+
+    let tasks = bus.spawn_projectors();
+    let runs: Vec<(i64,)> = rows_when(
+        &bus,
+        "SELECT last_sequence FROM rm_instances WHERE last_sequence = 4",
+        1,
+    )
+    .await;
+    assert_eq!(runs, vec![(4,)]);
+    // The old queue fed only its own read model.
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_usage")
+        .fetch_one(&bus.pool)
+        .await
+        .unwrap();
+    assert_eq!(users, 0);
+    assert!(
+        !queue_exists(&bus, &legacy).await,
+        "the old queue still exists"
+    );
+    bus.finish(tasks).await;
+}
+
+/// `model`'s queue from before the groups (`<prefix>.<model>`), bound to instance events as it
+/// was and holding the deliveries of `sequences` of run `id`.
+async fn old_queue_holding(bus: &Bus, model: ReadModel, id: &str, sequences: &[i64]) -> String {
+    let queue = bus.projector_config().legacy_queue(model);
     let channel = bus.connection.create_channel().await.unwrap();
     apex_projections::amqp::declare_exchange(&channel, &bus.amqp.exchange)
         .await
@@ -435,39 +446,55 @@ async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_d
     apex_projections::amqp::declare_bound_queue(
         &channel,
         &bus.amqp.exchange,
-        &legacy,
+        &queue,
         &["instance.*"],
     )
     .await
     .unwrap();
-    inject_into(&bus, &legacy, ProjectorGroup::Instance, &id, &[1, 2, 3, 4]).await;
+    inject_into(bus, &queue, ProjectorGroup::Instance, id, sequences).await;
+    queue
+}
 
-    let tasks = bus.spawn_projectors();
-    let timeline: Vec<(i64,)> = rows_when(
-        &bus,
-        "SELECT sequence FROM rm_timeline ORDER BY sequence",
-        4,
-    )
-    .await;
-    assert_eq!(timeline, vec![(1,), (2,), (3,), (4,)]);
-    // The old queue fed only its own read model.
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_instances")
-        .fetch_one(&bus.pool)
-        .await
-        .unwrap();
-    assert_eq!(runs, 0);
-    // And it is gone: a passive declare of it fails.
+/// Whether `queue` exists (a passive declare, on a channel of its own: failing closes it).
+async fn queue_exists(bus: &Bus, queue: &str) -> bool {
     let probe = bus.connection.create_channel().await.unwrap();
-    let declared = probe
+    probe
         .queue_declare(
-            legacy.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
             },
             FieldTable::default(),
         )
-        .await;
-    assert!(declared.is_err(), "the old queue still exists");
+        .await
+        .is_ok()
+}
+
+/// The timeline had a queue of its own when a projector maintained it. It is written with the
+/// events now, so the instance group unbinds and deletes that queue, messages and all, instead
+/// of feeding them to a projector (they are in the store; `apex rebuild timeline` adds them).
+#[tokio::test]
+async fn the_timelines_queue_from_when_a_projector_kept_it_is_deleted() {
+    let bus = bus().await;
+    bus.agent("triage", &["search"]).await;
+    let id = bus.run("user-1", "triage").await;
+    let legacy = old_queue_holding(&bus, ReadModel::Timeline, &id, &[1, 2]).await;
+
+    let tasks = bus.spawn_projectors();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while queue_exists(&bus, &legacy).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the timeline's old queue is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing of it was applied twice: the timeline still has each step once.
+    let steps: Vec<i64> = sqlx::query_scalar("SELECT sequence FROM rm_timeline ORDER BY sequence")
+        .fetch_all(&bus.pool)
+        .await
+        .unwrap();
+    assert_eq!(steps, vec![1, 2]);
     bus.finish(tasks).await;
 }

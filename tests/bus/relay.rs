@@ -312,3 +312,54 @@ async fn an_event_held_back_by_a_transaction_that_appends_nothing_is_published_w
     );
     bus.finish(vec![relay]).await;
 }
+
+/// The timeline is written with the events, so the relay announces a batch's steps on the chat
+/// exchange with the batch: each step once, in store order, with its run's owner for routing,
+/// display data only; a run's creation is not announced.
+#[tokio::test]
+async fn the_relay_announces_the_steps_committed_with_its_batch_on_the_chat_exchange() {
+    let bus = bus().await;
+    let (channel, tap) = bus.chat_tap("steps").await;
+    bus.agent("triage", &["search"]).await;
+    let id = bus.run("user-1", "triage").await; // sequences 1 and 2
+    bus.think(&id, 2).await; // 3 and 4
+    let relay = bus.spawn_relay();
+
+    let mut updates: Vec<Value> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while updates.len() < 3 && tokio::time::Instant::now() < deadline {
+        for message in bus.drain(&channel, &tap, 1, Duration::from_secs(1)).await {
+            updates.extend(message.as_array().unwrap().iter().cloned());
+        }
+    }
+    let steps: Vec<(String, i64, String, String)> = updates
+        .iter()
+        .map(|u| {
+            (
+                u["instance_id"].as_str().unwrap().to_owned(),
+                u["sequence"].as_i64().unwrap(),
+                u["owner_id"].as_str().unwrap().to_owned(),
+                u["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let step =
+        |sequence: i64, kind: &str| (id.clone(), sequence, "user-1".to_owned(), kind.to_owned());
+    assert_eq!(
+        steps,
+        vec![
+            step(2, "agent_started"),
+            step(3, "agent_thinking"),
+            step(4, "agent_thinking")
+        ]
+    );
+    assert!(
+        updates.iter().all(|u| !u.to_string().contains("internal")),
+        "{updates:?}"
+    );
+    let more = bus
+        .drain(&channel, &tap, 1, Duration::from_millis(500))
+        .await;
+    assert!(more.is_empty(), "announced twice: {more:?}");
+    bus.finish(vec![relay]).await;
+}

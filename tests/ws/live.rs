@@ -361,8 +361,8 @@ async fn a_resume_that_cannot_read_the_timeline_still_sends_nothing_twice() {
     let stack = stack(1).await;
     let (alice, id) = a_run_seen_up_to_5_by_a_lost_client(&stack).await;
 
-    // The timeline cannot be read while the client resumes: its table is renamed away (no
-    // event is projected meanwhile, so no projector needs it).
+    // The timeline cannot be read while the client resumes: its table is renamed away
+    // (nothing is appended meanwhile; the relay's reads fail, and it starts over).
     let pool = &stack.states[0].pool;
     sqlx::query("ALTER TABLE rm_timeline RENAME TO rm_timeline_away")
         .execute(pool)

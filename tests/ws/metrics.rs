@@ -25,14 +25,12 @@ async fn metrics_count_exactly_the_commands_and_events_of_a_run() {
             &format!("http://{}/metrics", stack.replicas[0]),
         )
         .await;
-        let caught_up = ["instances", "timeline", "usage", "agent_stats"]
-            .iter()
-            .all(|p| {
-                m.get(&format!(r#"apex_projector_lag_events{{projector="{p}"}}"#)) == Some(&0.0)
-                    && m.get(&format!(
-                        r#"apex_projector_processed_total{{projector="{p}"}}"#
-                    )) == Some(&instance_events)
-            });
+        let caught_up = ["instances", "usage", "agent_stats"].iter().all(|p| {
+            m.get(&format!(r#"apex_projector_lag_events{{projector="{p}"}}"#)) == Some(&0.0)
+                && m.get(&format!(
+                    r#"apex_projector_processed_total{{projector="{p}"}}"#
+                )) == Some(&instance_events)
+        });
         if caught_up {
             break;
         }
@@ -58,7 +56,7 @@ async fn metrics_count_exactly_the_commands_and_events_of_a_run() {
     assert_eq!(cmd("CompleteToolCall", "accepted"), 1.0);
     assert_eq!(cmd("CompleteInstance", "accepted"), 1.0);
     assert_eq!(get("apex_relay_published_total"), instance_events + 2.0);
-    for projector in ["instances", "timeline", "usage", "agent_stats"] {
+    for projector in ["instances", "usage", "agent_stats"] {
         assert_eq!(
             get(&format!(
                 r#"apex_projector_processed_total{{projector="{projector}"}}"#
@@ -91,7 +89,7 @@ async fn metrics_count_exactly_the_commands_and_events_of_a_run() {
         ),
     ]
     .into_iter()
-    .chain(["instances", "timeline", "usage", "agent_stats"].map(|p| {
+    .chain(["instances", "usage", "agent_stats"].map(|p| {
         (
             format!(r#"apex_projector_apply_delay_seconds{{projector="{p}"}}"#),
             instance_events,

@@ -118,7 +118,7 @@ async fn one_trace_runs_from_the_command_through_the_bus_to_the_websocket_send()
     assert_eq!(steps[0]["type"], "agent_started");
 
     // Every stage that handles the start event exports a span of the caller's trace.
-    let projectors: BTreeSet<&str> = ["instances", "timeline", "agent_stats", "usage"].into();
+    let projectors: BTreeSet<&str> = ["instances", "agent_stats", "usage"].into();
     let deadline = Instant::now() + Duration::from_secs(30);
     let spans = loop {
         tokio::task::block_in_place(|| telemetry.flush());

@@ -1,7 +1,8 @@
 //! User queries over the read models: the agent catalogue, your runs and their chat timeline.
 //!
-//! Answers come from the projected tables (`rm_agents`, `rm_instances`, `rm_timeline`), so they
-//! may trail the last accepted command by the projectors' lag. A user sees only their own runs
+//! Answers come from the read models (`rm_agents`, `rm_instances`, `rm_timeline`). The projected
+//! ones may trail the last accepted command by the projectors' lag; the timeline is written
+//! with the events, so it has every step whose command was answered. A user sees only their own runs
 //! (another user's run is answered exactly like a missing one) and never internal detail:
 //! `last_internal` is not even selected here.
 
@@ -352,7 +353,8 @@ pub async fn get_timeline(
         }
     };
     let instance_id = instance_uuid(&id)?;
-    // Either projector may be first to know the run; both record its owner.
+    // The timeline has the run from its creation's commit (it is written with the events);
+    // `rm_instances` once the projector has it. Both record its owner.
     let visible: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM rm_instances WHERE instance_id = $1 AND owner_id = $2)
              OR EXISTS (SELECT 1 FROM rm_timeline WHERE instance_id = $1 AND owner_id = $2)",

@@ -2,11 +2,12 @@
 //! connected to this replica to their connections without ever waiting on a client.
 //!
 //! * One exclusive queue per replica, bound to the chat exchange's batches of updates (one
-//!   message per projector batch); an update whose owner has no connection here is dropped.
+//!   message per relay batch); an update whose owner has no connection here is dropped.
 //! * Each connection has a bounded buffer; when it is full the connection is told to resync and
 //!   closed, so a slow client never delays the others.
 //! * When the broker connection drops, the hub reconnects, rebinds, and tells every connection
-//!   to catch up from the timeline read model (updates published meanwhile were missed).
+//!   to catch up from the timeline read model (updates published meanwhile were missed); the
+//!   first session does the same for connections registered before it bound its queue.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -194,9 +195,8 @@ impl Hub {
     async fn run(self: Arc<Self>) {
         let initial = Duration::from_millis(200);
         let mut backoff = Backoff::new(initial, Duration::from_secs(10));
-        let mut first = true;
         loop {
-            let result = self.session(&mut first, &mut backoff, initial).await;
+            let result = self.session(&mut backoff, initial).await;
             self.consuming.store(false, Ordering::Relaxed);
             let delay = backoff.next_delay();
             match result {
@@ -211,12 +211,7 @@ impl Hub {
         }
     }
 
-    async fn session(
-        &self,
-        first: &mut bool,
-        backoff: &mut Backoff,
-        initial: Duration,
-    ) -> Result<(), BusError> {
+    async fn session(&self, backoff: &mut Backoff, initial: Duration) -> Result<(), BusError> {
         // Named after the replica's queue: an operator (or a test) can tell replicas apart.
         let name = format!("apex-chat-hub {}", self.queue);
         let connection = amqp::connect(&self.config, &name).await?;
@@ -253,11 +248,11 @@ impl Hub {
                 FieldTable::default(),
             )
             .await?;
-        if !*first {
-            // Whatever was published while we were away is in the read model, not in our queue.
-            self.broadcast_resync();
-        }
-        *first = false;
+        // Whatever was published while we were away is in the read model, not in our queue;
+        // so is what was published before the first session bound the queue, which a
+        // connection registered meanwhile (the replica was not ready yet) would miss.
+        // Connections that missed nothing find nothing new.
+        self.broadcast_resync();
         backoff.reset(initial);
         self.consuming.store(true, Ordering::Relaxed);
         tracing::info!(queue = %self.queue, "chat hub consuming");

@@ -22,7 +22,6 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::chat::ChatUpdate;
 use crate::envelope::{DomainEvent, StoredEvent};
 use crate::read_models::{ReadModel, timeline_entry};
 
@@ -35,20 +34,6 @@ pub(crate) async fn apply<'a>(
     conn: &mut PgConnection,
     model: ReadModel,
     events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
-) -> Result<bool, sqlx::Error> {
-    apply_collecting(conn, model, events, None, None).await
-}
-
-/// [`apply`], also collecting the chat updates of the timeline entries it writes into `chat`
-/// (in store order, creations excluded), so the timeline projector announces what it wrote
-/// without reading it back; the timeline's owners of earlier runs come from `owners` when it
-/// knows them.
-pub(crate) async fn apply_collecting<'a>(
-    conn: &mut PgConnection,
-    model: ReadModel,
-    events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
-    chat: Option<&mut Vec<ChatUpdate>>,
-    owners: Option<&RunOwners>,
 ) -> Result<bool, sqlx::Error> {
     let mut batch = Vec::new();
     for (stored, event) in events {
@@ -65,7 +50,7 @@ pub(crate) async fn apply_collecting<'a>(
         return Ok(false);
     };
     match model {
-        ReadModel::Timeline => timeline(conn, &batch, chat, owners).await?,
+        ReadModel::Timeline => timeline(conn, &batch).await?,
         ReadModel::Instances => instances(conn, &batch).await?,
         ReadModel::AgentStats => agent_stats(conn, &batch).await?,
         ReadModel::Usage => usage(conn, &batch).await?,
@@ -117,7 +102,7 @@ pub(crate) async fn apply_replay<'a>(
         return Ok(true);
     }
     match model {
-        ReadModel::Timeline => timeline(conn, &batch, None, None).await?,
+        ReadModel::Timeline => timeline(conn, &batch).await?,
         ReadModel::Instances => instances(conn, &batch).await?,
         ReadModel::AgentStats => agent_stats(conn, &batch).await?,
         ReadModel::Usage => usage(conn, &batch).await?,
@@ -306,60 +291,9 @@ fn duplicate(table: &str, id: Uuid) -> sqlx::Error {
     sqlx::Error::Protocol(format!("rebuild: {table} already has run {id}"))
 }
 
-/// The owners of runs, remembered across batches by a live timeline projector: a run's owner
-/// is set by its creation and never changes, so after a run's first batch its later ones need
-/// no lookup. Without it, every batch read the owners of its runs back from `rm_timeline`;
-/// measured at 1,000 commands/s on a freshly created database, that lookup was planned (on
-/// the statistics of a still-small table) as a scan of the whole timeline per batch.
-pub(crate) struct RunOwners {
-    known: std::sync::Mutex<hashlink::LruCache<Uuid, String>>,
-}
-
-impl RunOwners {
-    /// Runs remembered; the least recently used is forgotten first (and looked up again).
-    pub(crate) const CAPACITY: usize = 100_000;
-
-    pub(crate) fn new() -> Self {
-        Self {
-            known: std::sync::Mutex::new(hashlink::LruCache::new(Self::CAPACITY)),
-        }
-    }
-
-    /// The owners of `runs` it knows, and the runs it does not.
-    fn split(&self, runs: Vec<Uuid>) -> (HashMap<Uuid, String>, Vec<Uuid>) {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut found, mut missing) = (HashMap::with_capacity(runs.len()), Vec::new());
-        for run in runs {
-            match known.get(&run) {
-                Some(owner) => {
-                    found.insert(run, owner.clone());
-                }
-                None => missing.push(run),
-            }
-        }
-        (found, missing)
-    }
-
-    fn remember(&self, owners: &HashMap<Uuid, String>) {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        for (run, owner) in owners {
-            if known.get(run).is_none() {
-                known.insert(*run, owner.clone());
-            }
-        }
-    }
-}
-
-async fn timeline(
-    conn: &mut PgConnection,
-    batch: &[Event<'_>],
-    mut chat: Option<&mut Vec<ChatUpdate>>,
-    cache: Option<&RunOwners>,
-) -> Result<(), sqlx::Error> {
-    let (mut owners, missing) = match cache {
-        Some(cache) => cache.split(earlier_runs(batch)),
-        None => (HashMap::new(), earlier_runs(batch)),
-    };
+async fn timeline(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
+    let mut owners = HashMap::new();
+    let missing = earlier_runs(batch);
     if !missing.is_empty() {
         let known: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT r.instance_id, r.owner_id FROM unnest($1::uuid[]) AS k(id)
@@ -391,19 +325,6 @@ async fn timeline(
         }
         let owner = owners.get(id).ok_or(sqlx::Error::RowNotFound)?;
         let entry = timeline_entry(event);
-        if let Some(chat) = chat.as_deref_mut()
-            && entry.kind != "instance_created"
-        {
-            chat.push(ChatUpdate {
-                instance_id: *id,
-                sequence: stored.sequence,
-                owner_id: owner.clone(),
-                kind: entry.kind.to_owned(),
-                at: stored.recorded_at,
-                display: entry.display.clone(),
-                traceparent: stored.traceparent.clone(),
-            });
-        }
         ids.push(*id);
         seqs.push(stored.sequence);
         owner_ids.push(owner.clone());
@@ -426,9 +347,6 @@ async fn timeline(
     .bind(&traces)
     .execute(conn)
     .await?;
-    if let Some(cache) = cache {
-        cache.remember(&owners);
-    }
     Ok(())
 }
 
@@ -965,34 +883,5 @@ mod tests {
             unmeasured,
             json!({"result": {"rows": 3}, "duration_ms": null})
         );
-    }
-
-    #[test]
-    fn a_remembered_owner_is_found_and_only_unknown_runs_are_left_to_look_up() {
-        let owners = RunOwners::new();
-        let (known, unknown) = (Uuid::new_v4(), Uuid::new_v4());
-        owners.remember(&HashMap::from([(known, "alice".to_owned())]));
-
-        let (found, missing) = owners.split(vec![known, unknown]);
-
-        assert_eq!(found, HashMap::from([(known, "alice".to_owned())]));
-        assert_eq!(missing, vec![unknown]);
-    }
-
-    #[test]
-    fn the_least_recently_used_run_is_forgotten_beyond_the_capacity() {
-        let owners = RunOwners::new();
-        let first = Uuid::new_v4();
-        owners.remember(&HashMap::from([(first, "first".to_owned())]));
-        let later: HashMap<Uuid, String> = (0..RunOwners::CAPACITY)
-            .map(|i| (Uuid::new_v4(), format!("user-{i}")))
-            .collect();
-        owners.remember(&later);
-
-        let (_, missing) = owners.split(vec![first]);
-
-        assert_eq!(missing, vec![first]);
-        let some = *later.keys().next().unwrap();
-        assert!(owners.split(vec![some]).1.is_empty());
     }
 }
