@@ -5,8 +5,9 @@
 //! 2. The store is replayed into the copy in `(transaction_id, position)` order, with
 //!    `search_path` pointing at the copy (the projection code uses unqualified names). Several
 //!    read models rebuilt together ([`run_all`]) share one pass: each batch is read and decoded
-//!    once and applied to every copy concurrently (a transaction per copy) while the next
-//!    batch is read. Readers and the live projector keep using the public tables meanwhile.
+//!    once and queued to every copy; each copy applies its queue in order on a task of its own
+//!    (a transaction per batch), so the copies run concurrently and none waits for the others
+//!    to finish a batch, while the next batches are read. Readers and the live projector keep using the public tables meanwhile.
 //!    The four instance read models apply a batch set-based (see [`batch`]): the batch is
 //!    folded in memory with the projection rules, then written with a few `unnest` statements;
 //!    the copy's offsets are kept in memory during the replay (nothing else writes the copy).
@@ -29,11 +30,13 @@
 //! events replayed so far, error); [`latest_runs`] reads the latest run of each read model.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::mpsc;
 
 use crate::envelope::{DomainEvent, StoredEvent};
 use crate::projector::{ProjectorGroup, apply_one, model_lock_key};
@@ -43,6 +46,9 @@ pub(crate) mod batch;
 
 /// Events replayed per transaction.
 const BATCH: i64 = 10_000;
+
+/// Batches read ahead of the slowest copy (each copy's queue).
+const BATCHES_AHEAD: usize = 2;
 
 /// Why a rebuild failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,8 +166,8 @@ impl Rebuild {
 }
 
 /// Performs several started rebuilds in **one** pass over the store: each batch is read and
-/// decoded once and applied to every read model's private copy concurrently (one transaction
-/// per copy, on connections of their own), while the next batch is read. Then each read model
+/// decoded once and queued to every read model's private copy; each copy applies its queue on
+/// a task of its own (one transaction per batch), while the next batches are read. Then each read model
 /// is swapped in on its own, under its own exclusive lock. Records each run's outcome and
 /// releases the locks; returns the store events replayed (per read model, the events of its
 /// aggregate type). The first failure fails every run of the pass.
@@ -312,69 +318,76 @@ async fn run(
         total: total.max(0) as u64,
         per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
     };
-    let mut offsets: Vec<batch::CopyOffsets> = models
+    // Each copy applies the batches on a task of its own, in order, from a short queue; the
+    // store is read and decoded ahead on this task. A copy does not wait for the others to
+    // finish a batch before it takes the next: in lockstep, the slowest copy's end of every
+    // batch left the other cores idle. Progress counts what every copy has applied.
+    let applied: Vec<Arc<AtomicU64>> = models.iter().map(|_| Arc::default()).collect();
+    let (queues, copies): (Vec<_>, Vec<_>) = models
         .iter()
-        .map(|_| batch::CopyOffsets::default())
+        .zip(&applied)
+        .map(|(model, applied)| {
+            let (queue, mut batches) = mpsc::channel::<Arc<Events>>(BATCHES_AHEAD);
+            let (pool, model, applied) = (pool.clone(), *model, applied.clone());
+            let copy = tokio::spawn(async move {
+                let mut offsets = batch::CopyOffsets::default();
+                while let Some(events) = batches.recv().await {
+                    apply_to_copy(&pool, model, &events, &mut offsets).await?;
+                    applied.fetch_add(events.len() as u64, Ordering::Relaxed);
+                }
+                Ok(offsets)
+            });
+            (queue, copy)
+        })
         .collect();
-    // Batch n+1 is read and decoded while batch n is applied to every copy. Each of these is a
-    // task of its own, so the decoding and the copies' folds run on all the runtime's threads.
-    let mut current = Arc::new(read(pool, &types, batch, &mut checkpoint).await?);
-    loop {
-        let next = (current.len() as i64 == batch).then(|| {
-            let (pool, types) = (pool.clone(), types.clone());
-            tokio::spawn(async move {
-                let mut checkpoint = checkpoint;
-                let events = read(&pool, &types, batch, &mut checkpoint).await;
-                events.map(|events| (events, checkpoint))
-            })
-        });
-        let tasks: Vec<_> = models
-            .iter()
-            .zip(std::mem::take(&mut offsets))
-            .map(|(model, mut offsets)| {
-                let (pool, model, events) = (pool.clone(), *model, current.clone());
-                tokio::spawn(async move {
-                    apply_to_copy(&pool, model, &events, &mut offsets)
-                        .await
-                        .map(|()| offsets)
-                })
-            })
-            .collect();
-        // Every task ends before an error is returned: none may still write into a copy
-        // that the failure handling drops.
-        let mut failure = None;
-        for task in tasks {
-            match joined(task.await) {
-                Ok(done) => offsets.push(done),
-                Err(e) => failure = failure.or(Some(e)),
+    let replayed = async {
+        loop {
+            let events = Arc::new(read(pool, &types, batch, &mut checkpoint).await?);
+            let full = events.len() as i64 == batch;
+            for queue in &queues {
+                // A copy whose task ended has failed: its error is collected below.
+                if queue.send(events.clone()).await.is_err() {
+                    return Ok(());
+                }
             }
-        }
-        let next = match next {
-            Some(task) => Some(joined(task.await)),
-            None => None,
-        };
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        done += current.len() as u64;
-        for (run_id, guard) in guards.iter_mut() {
-            sqlx::query("UPDATE projection_rebuilds SET events = $2 WHERE id = $1")
-                .bind(*run_id)
-                .bind(done as i64)
-                .execute(&mut *guard)
-                .await?;
-        }
-        progress(rate(done));
-        match next {
-            Some(next) => {
-                let (events, moved) = next?;
-                checkpoint = moved;
-                current = Arc::new(events);
+            let done = applied
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(0);
+            for (run_id, guard) in guards.iter_mut() {
+                sqlx::query("UPDATE projection_rebuilds SET events = $2 WHERE id = $1")
+                    .bind(*run_id)
+                    .bind(done as i64)
+                    .execute(&mut *guard)
+                    .await?;
             }
-            None => break,
+            progress(rate(done));
+            if !full {
+                return Ok::<(), RebuildError>(());
+            }
         }
     }
-    drop(current);
+    .await;
+    drop(queues);
+    // Every copy's task ends before an error is returned: none may still write into a copy
+    // that the failure handling drops.
+    let mut offsets = Vec::with_capacity(copies.len());
+    let mut failure = replayed.err();
+    for copy in copies {
+        match joined(copy.await) {
+            Ok(done) => offsets.push(done),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    done += applied
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(0);
     futures::future::try_join_all(
         models
             .iter()
