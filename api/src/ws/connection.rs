@@ -97,6 +97,10 @@ pub async fn serve(
         since: Utc::now(),
     };
     let mut held = resume.is_empty().then(Vec::new);
+    // A resync asked for while steps are held waits for the client's first message too: its
+    // catch-up would otherwise send the runs the client may be about to resume from their
+    // first step.
+    let mut resync_held = false;
     if let Err(e) = conn.resume(resume).await {
         tracing::debug!(error = %e, "websocket closed during resume");
         return;
@@ -122,10 +126,16 @@ pub async fn serve(
                     }
                     _ => conn.deliver(&update).await.map(|()| true),
                 },
+                Some(Signal::Resync) if held.is_some() => {
+                    resync_held = true;
+                    Ok(true)
+                }
                 Some(Signal::Resync) => conn.catch_up_all().await.map(|()| true),
                 None => Ok(false),
             },
-            () = &mut grace, if held.is_some() => conn.release(&mut held).await.map(|()| true),
+            () = &mut grace, if held.is_some() => {
+                conn.release(&mut held, &mut resync_held).await.map(|()| true)
+            }
             () = registration.overflow.notified() => {
                 tracing::warn!(user = %conn.user, "chat client too slow; asking it to resync");
                 let _ = conn.send_json(&Outgoing::ResyncRequired).await;
@@ -137,7 +147,7 @@ pub async fn serve(
                 match conn.incoming(incoming).await {
                     // The client has spoken (a resume, if it sends one, is applied): what was
                     // held goes out now, less what the resume already sent.
-                    Ok(true) => conn.release(&mut held).await.map(|()| true),
+                    Ok(true) => conn.release(&mut held, &mut resync_held).await.map(|()| true),
                     other => other,
                 }
             },
@@ -325,10 +335,18 @@ impl Conn {
         Ok(())
     }
 
-    /// Delivers the live updates held since the connection opened, and holds no more.
-    async fn release(&mut self, held: &mut Option<Vec<Arc<ChatUpdate>>>) -> Result<(), Closed> {
+    /// Delivers the live updates held since the connection opened, and holds no more; then
+    /// the catch-up of a resync that came meanwhile (`resync`).
+    async fn release(
+        &mut self,
+        held: &mut Option<Vec<Arc<ChatUpdate>>>,
+        resync: &mut bool,
+    ) -> Result<(), Closed> {
         for update in held.take().unwrap_or_default() {
             self.deliver(&update).await?;
+        }
+        if std::mem::take(resync) {
+            self.catch_up_all().await?;
         }
         Ok(())
     }
