@@ -7,14 +7,17 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-async fn timeline(app: &TestApp, id: &str, token: &str) -> Value {
-    let r = app
-        .client
+async fn get_timeline(app: &TestApp, id: &str, token: &str) -> reqwest::Response {
+    app.client
         .get(app.url(&format!("/v1/instances/{id}/timeline")))
         .bearer_auth(token)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn timeline(app: &TestApp, id: &str, token: &str) -> Value {
+    let r = get_timeline(app, id, token).await;
     assert_eq!(r.status(), StatusCode::OK);
     r.json().await.unwrap()
 }
@@ -60,13 +63,7 @@ async fn a_step_is_in_the_timeline_as_soon_as_its_command_is_answered() {
     assert_eq!(mismatched, 0);
     // Another user does not see it.
     let bob = app.user("bob", Tier::Free);
-    let r = app
-        .client
-        .get(app.url(&format!("/v1/instances/{id}/timeline")))
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .unwrap();
+    let r = get_timeline(&app, &id, &bob).await;
     assert_error(r, StatusCode::NOT_FOUND, "instance_not_found").await;
 }
 

@@ -130,33 +130,25 @@ impl Bus {
 
     /// A queue bound to every routing key of the test exchange.
     pub async fn tap(&self, name: &str) -> (Channel, String) {
-        let channel = self.connection.create_channel().await.unwrap();
-        amqp::declare_exchange(&channel, &self.amqp.exchange)
-            .await
-            .unwrap();
         let queue = format!("{}.tap.{name}", self.prefix);
-        amqp::declare_bound_queue(&channel, &self.amqp.exchange, &queue, &["#"])
-            .await
-            .unwrap();
-        self.taps.lock().unwrap().push(queue.clone());
-        (channel, queue)
+        self.bound_tap(&self.amqp.exchange, queue, &["#"]).await
     }
 
     /// A queue bound to the chat exchange as an API replica binds it (key `updates`).
     pub async fn chat_tap(&self, name: &str) -> (Channel, String) {
+        let queue = format!("{}.chat.{name}", self.prefix);
+        let key = apex_projections::chat::BATCH_ROUTING_KEY;
+        self.bound_tap(&self.amqp.chat_exchange, queue, &[key])
+            .await
+    }
+
+    /// `queue` bound to `exchange` with `keys` (both declared), deleted by [`Bus::finish`].
+    async fn bound_tap(&self, exchange: &str, queue: String, keys: &[&str]) -> (Channel, String) {
         let channel = self.connection.create_channel().await.unwrap();
-        amqp::declare_exchange(&channel, &self.amqp.chat_exchange)
+        amqp::declare_exchange(&channel, exchange).await.unwrap();
+        amqp::declare_bound_queue(&channel, exchange, &queue, keys)
             .await
             .unwrap();
-        let queue = format!("{}.chat.{name}", self.prefix);
-        amqp::declare_bound_queue(
-            &channel,
-            &self.amqp.chat_exchange,
-            &queue,
-            &[apex_projections::chat::BATCH_ROUTING_KEY],
-        )
-        .await
-        .unwrap();
         self.taps.lock().unwrap().push(queue.clone());
         (channel, queue)
     }

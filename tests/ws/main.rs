@@ -1,5 +1,5 @@
-//! Chat WebSocket tests over the whole real stack: HTTP commands → event store → relay →
-//! RabbitMQ → timeline projector → chat exchange → API replica → WebSocket client.
+//! Chat WebSocket tests over the whole real stack: HTTP commands → event store (with the
+//! timeline) → relay → chat exchange → API replica → WebSocket client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../support/broker.rs"]

@@ -1,8 +1,10 @@
 //! The read models and how each event changes them.
 //!
-//! Each read model is fed by the projector group of its aggregate type (one queue per group,
-//! offsets per read model). `apply` runs inside the read model's transaction, together with the
-//! offset bookkeeping, so an event is applied to a read model exactly once or not at all.
+//! Each read model but the timeline is fed by the projector group of its aggregate type (one
+//! queue per group, offsets per read model). `apply` runs inside the read model's transaction,
+//! together with the offset bookkeeping, so an event is applied to a read model exactly once or
+//! not at all. The timeline is written by the appends themselves (`apex_commands::inline`);
+//! its `apply` here serves its rebuild.
 
 mod agent_stats;
 mod agents;
@@ -19,7 +21,7 @@ use crate::envelope::{DomainEvent, StoredEvent};
 
 pub use timeline::{TimelineEntry, timeline_entry};
 
-/// A read model, and the projector that maintains it.
+/// A read model (see `ProjectorGroup::of` for the group that maintains it, if any).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReadModel {
     /// `rm_agents`: the agent catalogue.
