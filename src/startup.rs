@@ -10,6 +10,7 @@ use apex_commands::{CommandService, RetryPolicy};
 use apex_projections::ReadModel;
 use apex_projections::projector::{self, ProjectorConfig, ProjectorGroup};
 use apex_projections::relay::{self, RelayConfig};
+use axum::serve::ListenerExt;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -142,7 +143,14 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(address = %self.listener.local_addr()?, "HTTP API listening");
-        axum::serve(self.listener, self.router)
+        // Responses and WebSocket frames go out as soon as they are written: with Nagle's
+        // algorithm a small write waits for the acknowledgement of the previous one.
+        let listener = self.listener.tap_io(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+            }
+        });
+        axum::serve(listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await
             .context("serving HTTP")

@@ -12,7 +12,8 @@ use apex_projections::StoredEvent;
 use apex_projections::store;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, PublisherConfirm};
-use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{ConnectOptions, PgPool};
 use tokio::task::JoinSet;
 
 use super::client::AGENT;
@@ -129,8 +130,26 @@ async fn runs(pool: &PgPool, salt: &str, first: i64, last: i64) -> anyhow::Resul
     Ok(())
 }
 
-/// Seeds the agent and about `events` instance events (rounded up to whole runs).
+/// Seeds the agent and about `events` instance events (rounded up to whole runs), on
+/// connections of its own to `pool`'s database whose statements are not logged: each seeding
+/// statement inserts 20,000 events and takes longer than the slow-statement threshold, which
+/// would otherwise log it whole, every time.
 pub(crate) async fn store(pool: &PgPool, events: i64) -> anyhow::Result<Seeded> {
+    let pool = PgPoolOptions::new()
+        .max_connections(PARALLEL as u32)
+        .connect_with(
+            (*pool.connect_options())
+                .clone()
+                .disable_statement_logging(),
+        )
+        .await
+        .context("connecting the seeding pool")?;
+    let seeded = seed(&pool, events).await;
+    pool.close().await;
+    seeded
+}
+
+async fn seed(pool: &PgPool, events: i64) -> anyhow::Result<Seeded> {
     let started = Instant::now();
     agent(pool).await?;
     let total_runs = (events + EVENTS_PER_RUN - 1) / EVENTS_PER_RUN;
