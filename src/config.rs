@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 /// A value that must never be printed.
 #[derive(Clone, Default)]
@@ -144,19 +144,60 @@ pub struct DatabaseSettings {
     pub idle_in_transaction_timeout_seconds: u32,
     /// Create the database at start-up when missing (development).
     pub create_if_missing: bool,
+    /// Whether and how the connections to PostgreSQL use TLS.
+    pub ssl_mode: DatabaseSslMode,
+    /// PEM file of the certificate authorities that `verify-ca` and `verify-full` trust; empty
+    /// for the public web roots built into Apex.
+    pub ssl_root_cert: String,
     /// From `APEX_DATABASE_PASSWORD`.
     #[serde(skip)]
     pub password: Secret,
 }
 
+/// `database.ssl_mode`: libpq's `sslmode` values, with their meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatabaseSslMode {
+    /// Plain TCP only.
+    Disable,
+    /// Plain TCP; TLS only if the server insists.
+    Allow,
+    /// TLS if the server offers it, plain TCP otherwise.
+    Prefer,
+    /// TLS or no connection; the server's certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by a trusted authority.
+    VerifyCa,
+    /// `verify-ca`, and the certificate names `database.host`.
+    VerifyFull,
+}
+
+impl DatabaseSslMode {
+    fn sqlx(self) -> PgSslMode {
+        match self {
+            Self::Disable => PgSslMode::Disable,
+            Self::Allow => PgSslMode::Allow,
+            Self::Prefer => PgSslMode::Prefer,
+            Self::Require => PgSslMode::Require,
+            Self::VerifyCa => PgSslMode::VerifyCa,
+            Self::VerifyFull => PgSslMode::VerifyFull,
+        }
+    }
+}
+
 impl DatabaseSettings {
-    /// Options for the server's maintenance database (`postgres`).
+    /// Options for the server's maintenance database (`postgres`). TLS follows `ssl_mode` and
+    /// `ssl_root_cert` only: libpq's `PGSSLMODE` and `PGSSLROOTCERT` are not consulted.
     pub fn server_options(&self) -> PgConnectOptions {
-        let options = PgConnectOptions::new()
+        let mut options = PgConnectOptions::new()
             .host(&self.host)
             .port(self.port)
             .username(&self.user)
-            .database("postgres");
+            .database("postgres")
+            .ssl_mode(self.ssl_mode.sqlx());
+        if !self.ssl_root_cert.is_empty() {
+            options = options.ssl_root_cert(&self.ssl_root_cert);
+        }
         if self.password.expose().is_empty() {
             options
         } else {
@@ -466,6 +507,14 @@ impl Settings {
                 "database.idle_in_transaction_timeout_seconds must be positive".to_owned(),
             ));
         }
+        if !settings.database.ssl_root_cert.is_empty()
+            && !Path::new(&settings.database.ssl_root_cert).is_file()
+        {
+            return Err(parse_err(format!(
+                "database.ssl_root_cert: no such file {:?}",
+                settings.database.ssl_root_cert
+            )));
+        }
         settings.rate_limit.validate().map_err(parse_err)?;
         settings.otlp.validate().map_err(parse_err)?;
         Ok(settings)
@@ -530,6 +579,11 @@ mod tests {
         v
     }
 
+    /// The error of loading the dev settings with one override.
+    fn dev_error(name: &str, value: &str) -> ConfigError {
+        Settings::from_toml(DEV, Path::new("dev"), vars(&[(name, value)])).unwrap_err()
+    }
+
     fn keys(text: &str) -> Vec<String> {
         let table: toml::Table = text.parse().unwrap();
         let mut keys = vec![];
@@ -572,12 +626,45 @@ mod tests {
         let s = Settings::from_toml(DEV, Path::new("dev"), vars(&[("APEX__HTTP__PORT", "9000")]))
             .unwrap();
         assert_eq!(s.http.port, 9000);
-        let err = Settings::from_toml(DEV, Path::new("dev"), vars(&[("APEX__HTTP__PORT", "x")]))
-            .unwrap_err();
+        let err = dev_error("APEX__HTTP__PORT", "x");
         assert!(err.to_string().contains("APEX__HTTP__PORT"), "{err}");
-        let err = Settings::from_toml(DEV, Path::new("dev"), vars(&[("APEX__HTTP__NOPE", "1")]))
-            .unwrap_err();
+        let err = dev_error("APEX__HTTP__NOPE", "1");
         assert!(err.to_string().contains("http.nope"), "{err}");
+    }
+
+    #[test]
+    fn the_database_tls_mode_comes_from_the_settings() {
+        let s = Settings::from_toml(DEV, Path::new("dev"), vars(&[])).unwrap();
+        assert_eq!(s.database.ssl_mode, DatabaseSslMode::Prefer);
+        assert!(matches!(
+            s.database.options().get_ssl_mode(),
+            PgSslMode::Prefer
+        ));
+        let s = Settings::from_toml(
+            DEV,
+            Path::new("dev"),
+            vars(&[("APEX__DATABASE__SSL_MODE", "verify-full")]),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.database.server_options().get_ssl_mode(),
+            PgSslMode::VerifyFull
+        ));
+        let pem = vars(&[("APEX_JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----")]);
+        let s = Settings::from_toml(PROD, Path::new("prod"), pem).unwrap();
+        assert_eq!(s.database.ssl_mode, DatabaseSslMode::VerifyFull);
+    }
+
+    #[test]
+    fn a_wrong_tls_mode_or_a_missing_root_certificate_names_its_key() {
+        let err = dev_error("APEX__DATABASE__SSL_MODE", "sometimes");
+        assert!(err.to_string().contains("ssl_mode"), "{err}");
+        let err = dev_error("APEX__DATABASE__SSL_ROOT_CERT", "/nonexistent/ca.pem");
+        assert!(
+            err.to_string()
+                .contains("database.ssl_root_cert: no such file \"/nonexistent/ca.pem\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -590,12 +677,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.rate_limit.burst, 7);
         assert!(s.rate_limit.runner_commands_per_second > s.rate_limit.commands_per_second);
-        let err = Settings::from_toml(
-            DEV,
-            Path::new("dev"),
-            vars(&[("APEX__RATE_LIMIT__RUNNER_BURST", "0")]),
-        )
-        .unwrap_err();
+        let err = dev_error("APEX__RATE_LIMIT__RUNNER_BURST", "0");
         assert!(err.to_string().contains("rate_limit.runner_burst"), "{err}");
         let text = DEV.replace("commands_per_second = 10\n", "");
         let err = Settings::from_toml(&text, Path::new("dev"), vars(&[])).unwrap_err();
@@ -627,12 +709,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("otlp.endpoint"), "{err}");
-        let err = Settings::from_toml(
-            DEV,
-            Path::new("dev"),
-            vars(&[("APEX__OTLP__PROTOCOL", "grpc")]),
-        )
-        .unwrap_err();
+        let err = dev_error("APEX__OTLP__PROTOCOL", "grpc");
         assert!(err.to_string().contains("protocol"), "{err}");
     }
 
@@ -649,12 +726,7 @@ mod tests {
             options.get_options(),
             Some("-c idle_in_transaction_session_timeout=7s")
         );
-        let err = Settings::from_toml(
-            DEV,
-            Path::new("dev"),
-            vars(&[("APEX__DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "0")]),
-        )
-        .unwrap_err();
+        let err = dev_error("APEX__DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "0");
         assert!(
             err.to_string()
                 .contains("database.idle_in_transaction_timeout_seconds"),
