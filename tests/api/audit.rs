@@ -6,29 +6,11 @@ use std::collections::BTreeSet;
 
 use apex_domain::{ActorRole, Tier};
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
-use reqwest::{Response, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, assert_error, spawn_app};
-
-pub async fn get(app: &TestApp, path: &str, token: &str) -> Response {
-    app.client
-        .get(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
-/// GETs `path` and returns its JSON body, asserting a 200.
-pub async fn get_ok(app: &TestApp, path: &str, token: &str) -> Value {
-    let r = get(app, path, token).await;
-    let status = r.status();
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
-    body
-}
+use crate::helpers::{TestApp, assert_error, get, get_ok, spawn_app};
 
 pub fn auditor(app: &TestApp) -> String {
     app.token("auditor-1", ActorRole::Auditor, None)

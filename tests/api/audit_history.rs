@@ -8,8 +8,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::audit::{auditor, get, get_ok, rfc3339, seed};
+use crate::audit::{auditor, rfc3339, seed};
 use crate::helpers::{assert_error, spawn_app};
+use crate::helpers::{get, get_ok};
 
 #[tokio::test]
 async fn one_aggregates_history_is_listed_in_sequence_order() {

@@ -8,8 +8,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
-use crate::audit::{auditor, get_ok, seed};
+use crate::audit::{auditor, seed};
 use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{get, get_ok};
 
 /// Runs `statements` in one transaction of a connection of its own, with the triggers
 /// bypassed the way a superuser would.
@@ -177,6 +178,6 @@ async fn two_swapped_sequences_are_detected_at_the_first_of_them() {
         get_ok(&app, "/v1/audit/agent/budget/verify", &auditor(&app)).await["intact"],
         true
     );
-    let r = crate::audit::get(&app, "/v1/audit/instance/nope/verify", &auditor(&app)).await;
+    let r = get(&app, "/v1/audit/instance/nope/verify", &auditor(&app)).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }

@@ -332,3 +332,22 @@ pub async fn assert_refused(
         "a refused request ({code}) appended events"
     );
 }
+
+/// GETs `path` with `token`.
+pub async fn get(app: &TestApp, path: &str, token: &str) -> Response {
+    app.client
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// GETs `path` and returns its JSON body, asserting a 200.
+pub async fn get_ok(app: &TestApp, path: &str, token: &str) -> Value {
+    let r = get(app, path, token).await;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+    body
+}

@@ -3,23 +3,12 @@
 
 use apex_domain::Tier;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::helpers::*;
 
-async fn get_timeline(app: &TestApp, id: &str, token: &str) -> reqwest::Response {
-    app.client
-        .get(app.url(&format!("/v1/instances/{id}/timeline")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn timeline(app: &TestApp, id: &str, token: &str) -> Value {
-    let r = get_timeline(app, id, token).await;
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().await.unwrap()
+fn timeline_path(id: &str) -> String {
+    format!("/v1/instances/{id}/timeline")
 }
 
 #[tokio::test]
@@ -31,7 +20,7 @@ async fn a_step_is_in_the_timeline_as_soon_as_its_command_is_answered() {
     let r = app.think(&id, "reading the invoices").await;
     assert_eq!(r.status(), StatusCode::OK);
 
-    let page = timeline(&app, &id, &alice).await;
+    let page = get_ok(&app, &timeline_path(&id), &alice).await;
     let steps: Vec<(i64, &str)> = page["items"]
         .as_array()
         .unwrap()
@@ -63,7 +52,7 @@ async fn a_step_is_in_the_timeline_as_soon_as_its_command_is_answered() {
     assert_eq!(mismatched, 0);
     // Another user does not see it.
     let bob = app.user("bob", Tier::Free);
-    let r = get_timeline(&app, &id, &bob).await;
+    let r = get(&app, &timeline_path(&id), &bob).await;
     assert_error(r, StatusCode::NOT_FOUND, "instance_not_found").await;
 }
 

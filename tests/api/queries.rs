@@ -7,32 +7,14 @@ use std::collections::BTreeSet;
 
 use apex_domain::Tier;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
-use reqwest::{Response, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, assert_error, spawn_app};
+use crate::helpers::{TestApp, assert_error, get, get_ok, spawn_app};
 
 /// Internal detail planted in every run; no user answer may contain it.
 const SECRET: &str = "internal-prompt-do-not-show";
-
-async fn get(app: &TestApp, path: &str, token: &str) -> Response {
-    app.client
-        .get(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
-/// GETs `path` and returns its JSON body, asserting a 200.
-async fn get_ok(app: &TestApp, path: &str, token: &str) -> Value {
-    let r = get(app, path, token).await;
-    let status = r.status();
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
-    body
-}
 
 fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)

@@ -11,8 +11,8 @@ use apex_projections::rebuild;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::audit::{get_ok, seed, settle};
-use crate::helpers::{TestApp, assert_error, spawn_app};
+use crate::audit::{seed, settle};
+use crate::helpers::{TestApp, assert_error, get_ok, spawn_app};
 
 async fn post_rebuild(app: &TestApp, name: &str, token: &str) -> reqwest::Response {
     app.client
