@@ -203,10 +203,18 @@ pub fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
     }
 }
 
+/// The principal of a request whose token a middleware (the rate limiter) has already
+/// verified, kept in the request's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct Verified(pub(crate) Principal);
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(Verified(principal)) = parts.extensions.remove::<Verified>() {
+            return Ok(principal);
+        }
         let token = bearer(parts)?.ok_or(ApiError::MissingToken)?;
         state.auth.verify(token)
     }

@@ -102,9 +102,18 @@ fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    // Syntax first (400), then shape (422): `{}{}` is malformed, not merely incomplete.
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
-    serde_json::from_value(value).map_err(|e| ApiError::InvalidBody(e.to_string()))
+    // Syntax first (400), then shape (422): `{}{}` is malformed, not merely incomplete. A
+    // well-formed body of the right shape is parsed once; only a refused one is read again,
+    // as a plain JSON value, to tell which of the two it is.
+    serde_json::from_slice(bytes).or_else(|shape_or_syntax| {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
+        match serde_json::from_value::<T>(value) {
+            Err(e) => Err(ApiError::InvalidBody(e.to_string())),
+            // Cannot happen (the same text, the same type), but never answer with a body
+            // that was refused.
+            Ok(_) => Err(json_error(shape_or_syntax)),
+        }
+    })
 }
 
 fn json_error(err: serde_json::Error) -> ApiError {

@@ -24,7 +24,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::bearer;
+use crate::auth::{Verified, bearer};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -174,15 +174,18 @@ pub async fn enforce(State(state): State<AppState>, request: Request, next: Next
     if !is_write(request.method()) {
         return next.run(request).await;
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let principal = match bearer(&parts) {
         Ok(Some(token)) => state.auth.verify(token).ok(),
         _ => None,
     };
-    let request = Request::from_parts(parts, body);
     let Some(principal) = principal else {
-        return next.run(request).await;
+        return next.run(Request::from_parts(parts, body)).await;
     };
+    // The handler's extractor takes the principal from here instead of verifying the token
+    // a second time.
+    parts.extensions.insert(Verified(principal.clone()));
+    let request = Request::from_parts(parts, body);
     match state.rate_limiter.check(&principal.actor) {
         Ok(()) => next.run(request).await,
         Err(wait) => {

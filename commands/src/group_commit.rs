@@ -4,11 +4,11 @@
 //! statement, `COMMIT`. Under load most of PostgreSQL's time goes to those round trips and
 //! their commits, not to the rows. [`GroupCommitRepository`] keeps postgres-es for every read
 //! and replaces its append: each `persist` call queues its events (and snapshot update) and
-//! waits; a few writer tasks take whatever is queued (up to [`MAX_BATCH_EVENTS`]) and append it
-//! in one transaction — one statement inserting the events, the new snapshots and the inline
-//! timeline's rows ([`crate::inline`]), committed as it returns, so a batch costs one round
-//! trip; only when a snapshot moves does an
-//! explicit transaction add its checked `UPDATE` — then answer every caller. While one batch
+//! waits; a few writers, each on a thread of its own, take whatever is queued (up to
+//! [`MAX_BATCH_EVENTS`]) and append it in one transaction — one statement inserting the events,
+//! the new snapshots and the inline timeline's rows ([`crate::inline`]), committed as it
+//! returns, so a batch costs one round trip; only when a snapshot moves does an explicit
+//! transaction add its checked `UPDATE` — then answer every caller. While one batch
 //! commits the next one gathers, so batches grow with the load and a lone command waits for
 //! nobody.
 //!
@@ -67,6 +67,9 @@ const QUEUE: usize = 4096;
 /// unavailable (the pool's acquire timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The writers' shared end of the append queue.
+type Queue = Arc<Mutex<mpsc::Receiver<Append>>>;
+
 /// A snapshot change: (aggregate id, state, snapshot counter after the append).
 type SnapshotUpdate = (String, Value, usize);
 
@@ -105,12 +108,12 @@ impl GroupCommitRepository {
         self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(QUEUE);
             let receiver = Arc::new(Mutex::new(receiver));
-            for _ in 0..WRITERS {
+            for index in 0..WRITERS {
                 let writer = Writer {
                     options: self.options.clone(),
                     conn: None,
                 };
-                tokio::spawn(write(writer, receiver.clone()));
+                start_writer(index, writer, receiver.clone());
             }
             sender
         })
@@ -272,8 +275,48 @@ impl Writer {
     }
 }
 
+/// Runs a writer on a thread of its own, with a single-threaded runtime that owns its
+/// connection. The writers are the one serial stage every command waits for: on the shared
+/// runtime, the wake-up after PostgreSQL answers a batch queues behind whatever HTTP work the
+/// workers have, and under load that wait was most of a batch's time (PostgreSQL itself
+/// idle). A thread that sleeps in the kernel until its socket is readable is scheduled at
+/// once. The thread ends with the queue (when the repository is dropped).
+fn start_writer(index: usize, writer: Writer, queue: Queue) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build an append writer's runtime; it runs on the shared one (slower under load)");
+            tokio::spawn(write(writer, queue));
+            return;
+        }
+    };
+    // The closure is handed back when the thread cannot start, so the writer still runs.
+    let (handoff, taken) = std::sync::mpsc::sync_channel::<(Writer, Queue)>(1);
+    let spawned = std::thread::Builder::new()
+        .name(format!("append-writer-{index}"))
+        .spawn(move || {
+            if let Ok((writer, queue)) = taken.recv() {
+                runtime.block_on(write(writer, queue));
+            }
+        });
+    match spawned {
+        Ok(_) => {
+            if handoff.send((writer, queue)).is_err() {
+                tracing::error!("an append writer thread ended before it started");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start an append writer thread; it runs on the shared runtime (slower under load)");
+            tokio::spawn(write(writer, queue));
+        }
+    }
+}
+
 /// Takes batches off the queue and appends them until every sender is gone.
-async fn write(mut writer: Writer, queue: Arc<Mutex<mpsc::Receiver<Append>>>) {
+async fn write(mut writer: Writer, queue: Queue) {
     loop {
         let batch = {
             let mut queue = queue.lock().await;
@@ -289,7 +332,9 @@ async fn write(mut writer: Writer, queue: Arc<Mutex<mpsc::Receiver<Append>>>) {
             }
             batch
         };
+        let started = std::time::Instant::now();
         append_batch(&mut writer, batch).await;
+        metrics::histogram!("apex_append_batch_seconds").record(started.elapsed().as_secs_f64());
     }
 }
 

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::header::{self, HeaderValue};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -125,6 +128,54 @@ impl Api {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to the API that POSTs JSON: the `write` scenario's load
+/// generator. Lean as a dedicated load tool is (no pool, no URL parsing, the token's header
+/// built once), so the little CPU the machine has goes to Apex rather than to its client.
+pub(crate) struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: HeaderValue,
+    authorization: HeaderValue,
+}
+
+impl Connection {
+    /// Connects to the API at `base` (`http://host:port`) as the holder of `token`.
+    pub(crate) async fn open(base: &str, token: &str) -> anyhow::Result<Self> {
+        let address = base
+            .strip_prefix("http://")
+            .with_context(|| format!("{base} is not an http:// address"))?;
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .with_context(|| format!("connecting to {address}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "bench HTTP connection failed");
+            }
+        });
+        Ok(Self {
+            sender,
+            host: HeaderValue::from_str(address)?,
+            authorization: HeaderValue::from_str(&format!("Bearer {token}"))?,
+        })
+    }
+
+    /// POSTs `body` (JSON) to `path`; returns the status once the whole answer is read.
+    pub(crate) async fn post(&mut self, path: &str, body: Vec<u8>) -> anyhow::Result<StatusCode> {
+        self.sender.ready().await?;
+        let request = hyper::Request::post(path)
+            .header(header::HOST, self.host.clone())
+            .header(header::AUTHORIZATION, self.authorization.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        Ok(status)
     }
 }
 

@@ -1,14 +1,13 @@
 //! `write`: runner commands over HTTP (JWT, JSON, aggregate, append), 32 concurrent clients
 //! on distinct instances, against single-row INSERT transactions from 32 connections.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apex_domain::{ActorRole, Tier};
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::client::{Api, thought};
+use super::client::{Api, Connection, thought};
 use super::report::{Row, Target};
 use super::stack::{self, Stack};
 use super::stats::{Samples, rate, round};
@@ -46,13 +45,15 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         instances.push(id);
     }
 
-    let runner: Arc<str> = Arc::from(runner);
+    let mut connections = Vec::new();
+    for _ in &instances {
+        connections.push(Connection::open(&app.url, &runner).await?);
+    }
     let started = Instant::now();
     let measure_from = started + warmup;
     let deadline = measure_from + duration;
     let mut tasks = JoinSet::new();
-    for id in instances {
-        let (api, runner) = (api.clone(), runner.clone());
+    for (id, mut connection) in instances.into_iter().zip(connections) {
         tasks.spawn(async move {
             let path = format!("/v1/runner/instances/{id}/thoughts");
             let (mut ok, mut failed, mut n) = (0u64, 0u64, 0u64);
@@ -63,25 +64,26 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
                     break;
                 }
                 n += 1;
-                let result = api.post(&path, &runner, &thought(n)).await;
+                let body = serde_json::to_vec(&thought(n))?;
+                let result = connection.post(&path, body).await;
                 let took = sent.elapsed();
                 if sent < measure_from {
                     continue;
                 }
                 match result {
-                    Ok((status, _)) if status.is_success() => {
+                    Ok(status) if status.is_success() => {
                         ok += 1;
                         samples.push(took);
                     }
                     _ => failed += 1,
                 }
             }
-            (ok, failed, samples)
+            Ok::<_, anyhow::Error>((ok, failed, samples))
         });
     }
     let (mut ok, mut failed, mut latency) = (0u64, 0u64, Samples::default());
     while let Some(joined) = tasks.join_next().await {
-        let (o, f, s) = joined?;
+        let (o, f, s) = joined??;
         ok += o;
         failed += f;
         latency.extend(s);
