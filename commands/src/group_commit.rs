@@ -278,9 +278,10 @@ impl Writer {
 /// Runs a writer on a thread of its own, with a single-threaded runtime that owns its
 /// connection. The writers are the one serial stage every command waits for: on the shared
 /// runtime, the wake-up after PostgreSQL answers a batch queues behind whatever HTTP work the
-/// workers have, and under load that wait was most of a batch's time (PostgreSQL itself
-/// idle). A thread that sleeps in the kernel until its socket is readable is scheduled at
-/// once. The thread ends with the queue (when the repository is dropped).
+/// workers have; a thread that sleeps in the kernel until its socket is readable is scheduled
+/// at once (docs/benchmarks.md, change 44). The thread ends with the queue (when the
+/// repository is dropped). Should the thread not start, the writer runs on the shared
+/// runtime, and the error says so.
 fn start_writer(index: usize, writer: Writer, queue: Queue) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -293,7 +294,7 @@ fn start_writer(index: usize, writer: Writer, queue: Queue) {
             return;
         }
     };
-    // The closure is handed back when the thread cannot start, so the writer still runs.
+    // The writer is handed over once the thread runs, so it is still here when it does not.
     let (handoff, taken) = std::sync::mpsc::sync_channel::<(Writer, Queue)>(1);
     let spawned = std::thread::Builder::new()
         .name(format!("append-writer-{index}"))
@@ -304,8 +305,12 @@ fn start_writer(index: usize, writer: Writer, queue: Queue) {
         });
     match spawned {
         Ok(_) => {
-            if handoff.send((writer, queue)).is_err() {
-                tracing::error!("an append writer thread ended before it started");
+            if let Err(std::sync::mpsc::SendError((writer, queue))) = handoff.send((writer, queue))
+            {
+                tracing::error!(
+                    "an append writer thread ended before it started; the writer runs on the shared runtime (slower under load)"
+                );
+                tokio::spawn(write(writer, queue));
             }
         }
         Err(e) => {
