@@ -109,11 +109,7 @@ impl GroupCommitRepository {
             let (sender, receiver) = mpsc::channel(QUEUE);
             let receiver = Arc::new(Mutex::new(receiver));
             for index in 0..WRITERS {
-                let writer = Writer {
-                    options: self.options.clone(),
-                    conn: None,
-                };
-                start_writer(index, writer, receiver.clone());
+                start_writer(index, &self.options, receiver.clone());
             }
             sender
         })
@@ -282,41 +278,23 @@ impl Writer {
 /// at once (docs/benchmarks.md, change 44). The thread ends with the queue (when the
 /// repository is dropped). Should the thread not start, the writer runs on the shared
 /// runtime, and the error says so.
-fn start_writer(index: usize, writer: Writer, queue: Queue) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+fn start_writer(index: usize, options: &PgConnectOptions, queue: Queue) {
+    let writer = || Writer {
+        options: options.clone(),
+        conn: None,
+    };
+    let started = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build an append writer's runtime; it runs on the shared one (slower under load)");
-            tokio::spawn(write(writer, queue));
-            return;
-        }
-    };
-    // The writer is handed over once the thread runs, so it is still here when it does not.
-    let (handoff, taken) = std::sync::mpsc::sync_channel::<(Writer, Queue)>(1);
-    let spawned = std::thread::Builder::new()
-        .name(format!("append-writer-{index}"))
-        .spawn(move || {
-            if let Ok((writer, queue)) = taken.recv() {
-                runtime.block_on(write(writer, queue));
-            }
+        .and_then(|runtime| {
+            let (writer, queue) = (writer(), queue.clone());
+            std::thread::Builder::new()
+                .name(format!("append-writer-{index}"))
+                .spawn(move || runtime.block_on(write(writer, queue)))
         });
-    match spawned {
-        Ok(_) => {
-            if let Err(std::sync::mpsc::SendError((writer, queue))) = handoff.send((writer, queue))
-            {
-                tracing::error!(
-                    "an append writer thread ended before it started; the writer runs on the shared runtime (slower under load)"
-                );
-                tokio::spawn(write(writer, queue));
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start an append writer thread; it runs on the shared runtime (slower under load)");
-            tokio::spawn(write(writer, queue));
-        }
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start an append writer thread; it runs on the shared runtime (slower under load)");
+        tokio::spawn(write(writer(), queue));
     }
 }
 
