@@ -5,10 +5,9 @@
 //! their commits, not to the rows. [`GroupCommitRepository`] keeps postgres-es for every read
 //! and replaces its append: each `persist` call queues its events (and snapshot update) and
 //! waits; a few writers, each on a thread of its own, take whatever is queued (up to
-//! [`MAX_BATCH_EVENTS`]) and append it in one transaction — one statement inserting the events,
-//! the new snapshots and the inline timeline's rows ([`crate::inline`]), committed as it
-//! returns, so a batch costs one round trip; only when a snapshot moves does an explicit
-//! transaction add its checked `UPDATE` — then answer every caller. While one batch
+//! [`MAX_BATCH_EVENTS`]) and append it in one transaction — one statement inserting the events
+//! and the inline timeline's rows ([`crate::inline`]) and writing the snapshots, committed as
+//! it returns, so a batch costs one round trip — then answer every caller. While one batch
 //! commits the next one gathers, so batches grow with the load and a lone command waits for
 //! nobody.
 //!
@@ -33,7 +32,8 @@
 //!
 //! The checks are the store's own, as before: the `(aggregate_type, aggregate_id, sequence)`
 //! primary key catches a concurrent append, and a snapshot update that matches no row (another
-//! writer moved it) is a conflict — checked before the commit, so nothing of the batch lands.
+//! writer moved it) is a conflict — checked inside the statement, which then fails, so nothing
+//! of the batch lands.
 //! Requests are sorted by aggregate before the insert, so two processes' batches over the same
 //! aggregates take their row locks in the same order.
 
@@ -525,12 +525,49 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
             target.push(request.aggregate_type, id, last, *snapshot as i64, state);
         }
     }
-    // The events, the new snapshots and the inline timeline's rows go in one statement.
-    // Without a snapshot to move, that statement is the whole transaction (one round trip,
-    // committed when it returns); a snapshot move has to be checked before the commit, so it
-    // runs in an explicit one. A timeline row's `at` is its event's `recorded_at` (both the
-    // transaction's `now()`); a run's owner is its creation's, in the same append or stored.
-    let insert = sqlx::query(
+    // The events, the snapshots and the inline timeline's rows go in one statement, committed
+    // when it returns: one round trip. A batch that moves snapshots checks the moves in that
+    // statement ([`APPEND_MOVING`]); the others use the shorter [`APPEND`].
+    let moving = !moved.ids.is_empty();
+    let mut appended = sqlx::query(if moving { APPEND_MOVING } else { APPEND })
+        .bind(&types)
+        .bind(&ids)
+        .bind(&sequences)
+        .bind(&names)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&metadata)
+        .bind(&created.types)
+        .bind(&created.ids)
+        .bind(&created.last)
+        .bind(&created.counter)
+        .bind(&created.states)
+        .bind(&timeline.ids)
+        .bind(&timeline.sequences)
+        .bind(&timeline.owners)
+        .bind(&timeline.kinds)
+        .bind(&timeline.displays)
+        .bind(&timeline.traces);
+    if moving {
+        appended = appended
+            .bind(&moved.types)
+            .bind(&moved.ids)
+            .bind(&moved.last)
+            .bind(&moved.counter)
+            .bind(&moved.states);
+    }
+    match appended.execute(conn).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(SNAPSHOT_MOVED) => {
+            Err(Failure::SnapshotMoved)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The events and the new snapshots of a batch, as `WITH` clauses.
+macro_rules! events_and_new_snapshots {
+    () => {
         "WITH appended AS (
              INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
                                  event_version, payload, metadata)
@@ -540,61 +577,53 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
              INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence,
                                     current_snapshot, payload)
              SELECT * FROM unnest($8::text[], $9::text[], $10::bigint[], $11::bigint[],
-                                  $12::jsonb[]))
-         INSERT INTO rm_timeline (instance_id, sequence, owner_id, kind, at, display, traceparent)
+                                  $12::jsonb[]))"
+    };
+}
+
+/// The inline timeline's rows of a batch. A row's `at` is its event's `recorded_at` (both the
+/// transaction's `now()`); a run's owner is its creation's, in the same append or stored.
+macro_rules! timeline_rows {
+    () => {
+        "INSERT INTO rm_timeline (instance_id, sequence, owner_id, kind, at, display, traceparent)
          SELECT t.id, t.seq,
                 COALESCE(t.owner, (SELECT r.owner_id FROM rm_timeline r
                                     WHERE r.instance_id = t.id AND r.sequence = 1)),
                 t.kind, now(), t.display, t.trace
            FROM unnest($13::uuid[], $14::bigint[], $15::text[], $16::text[], $17::jsonb[],
-                       $18::text[]) AS t(id, seq, owner, kind, display, trace)",
-    )
-    .bind(&types)
-    .bind(&ids)
-    .bind(&sequences)
-    .bind(&names)
-    .bind(&versions)
-    .bind(&payloads)
-    .bind(&metadata)
-    .bind(&created.types)
-    .bind(&created.ids)
-    .bind(&created.last)
-    .bind(&created.counter)
-    .bind(&created.states)
-    .bind(&timeline.ids)
-    .bind(&timeline.sequences)
-    .bind(&timeline.owners)
-    .bind(&timeline.kinds)
-    .bind(&timeline.displays)
-    .bind(&timeline.traces);
-    if moved.ids.is_empty() {
-        insert.execute(&mut *conn).await?;
-        return Ok(());
-    }
-    let mut tx = conn.begin().await?;
-    insert.execute(&mut *tx).await?;
-    let updated = sqlx::query(
-        "UPDATE snapshots s
+                       $18::text[]) AS t(id, seq, owner, kind, display, trace)"
+    };
+}
+
+/// A batch's append when no snapshot moves.
+const APPEND: &str = concat!(events_and_new_snapshots!(), "\n", timeline_rows!());
+
+/// A batch's append that moves snapshots: each `UPDATE` matches only while the snapshot's
+/// counter is still the one its command read; when fewer rows matched than the batch moves,
+/// `append_snapshot_moved` fails the statement (SQLSTATE [`SNAPSHOT_MOVED`]), so nothing of
+/// the batch lands.
+const APPEND_MOVING: &str = concat!(
+    events_and_new_snapshots!(),
+    ",
+     moved AS (
+         UPDATE snapshots s
             SET last_sequence = u.last, current_snapshot = u.counter, payload = u.state
-           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])
+           FROM unnest($19::text[], $20::text[], $21::bigint[], $22::bigint[], $23::jsonb[])
                 AS u(aggregate_type, aggregate_id, last, counter, state)
           WHERE s.aggregate_type = u.aggregate_type AND s.aggregate_id = u.aggregate_id
-            AND s.current_snapshot = u.counter - 1",
-    )
-    .bind(&moved.types)
-    .bind(&moved.ids)
-    .bind(&moved.last)
-    .bind(&moved.counter)
-    .bind(&moved.states)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if updated != moved.ids.len() as u64 {
-        return Err(Failure::SnapshotMoved);
-    }
-    tx.commit().await?;
-    Ok(())
-}
+            AND s.current_snapshot = u.counter - 1
+         RETURNING 1),
+     timeline AS (",
+    timeline_rows!(),
+    ")
+     SELECT append_snapshot_moved(m.count, cardinality($20::text[]))
+       FROM (SELECT count(*) AS count FROM moved) m
+      WHERE m.count <> cardinality($20::text[])"
+);
+
+/// The SQLSTATE of `append_snapshot_moved`: a batch's snapshot update matched fewer rows
+/// than it moves (`migrations/20261206000012_append_snapshot_check.sql`).
+const SNAPSHOT_MOVED: &str = "AXS01";
 
 /// Snapshot changes of one kind, as columns.
 #[derive(Default)]

@@ -253,3 +253,78 @@ async fn one_idempotency_key_on_two_commands_of_one_batch_is_a_conflict() {
     .unwrap();
     assert_eq!(range, (1, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_moved_under_a_batch_fails_the_batch_whole_and_only_its_command_retries() {
+    let (app, ids) = runs().await;
+    let every = apex_commands::INSTANCE_SNAPSHOT_EVERY as i64;
+    // Run 0 one event short of its first snapshot move (the snapshot is created at `every`,
+    // moved at 2 × `every`); the app keeps it in memory with the snapshot's counter, 1.
+    for n in 3..2 * every {
+        let thought = InstanceAction::Think {
+            thought: format!("step {n}"),
+            prompt: None,
+            raw: None,
+        };
+        let outcome = app
+            .state
+            .commands
+            .instance(&ids[0], thought, &runner_context())
+            .await
+            .unwrap();
+        assert_eq!(outcome.sequence, n as u64);
+    }
+    let snapshot = || {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT last_sequence, current_snapshot FROM snapshots
+              WHERE aggregate_type = 'instance' AND aggregate_id = $1",
+        )
+        .bind(&ids[0])
+        .fetch_one(&app.pool)
+    };
+    assert_eq!(snapshot().await.unwrap(), (every, 1));
+    // Another writer moved the snapshot meanwhile (its counter is 2 now), so the app's move of
+    // it, in a batch with the other runs' thoughts, matches no row.
+    sqlx::query(
+        "UPDATE snapshots SET current_snapshot = 2
+          WHERE aggregate_type = 'instance' AND aggregate_id = $1",
+    )
+    .bind(&ids[0])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let counters = || async {
+        let metrics = scrape(&app.client, &app.url("/metrics")).await;
+        let splits = metrics.get("apex_append_batch_split_total").copied();
+        let retried = metrics
+            .iter()
+            .filter(|(series, _)| series.starts_with("apex_command_conflicts_retried_total"))
+            .map(|(_, value)| value)
+            .sum::<f64>();
+        (splits.unwrap_or(0.0), retried)
+    };
+    let (splits, retried) = counters().await;
+
+    let answers = think_all_held(&app, &ids, |n| format!("thought {n}")).await;
+    for (n, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, StatusCode::OK, "run {n}: {body}");
+        let expected = if n == 0 { 2 * every } else { 3 };
+        assert_eq!(body["sequence"], expected, "run {n}: {body}");
+    }
+    // The batch's statement failed whole (nothing of it stored: every other run's thought got
+    // sequence 3 when appended again alone), and run 0's command alone ran again.
+    let (splits_after, retried_after) = counters().await;
+    assert_eq!(splits_after - splits, 1.0);
+    assert_eq!(retried_after - retried, 1.0);
+    assert_contiguous(
+        app.events_of(&ids[0]).await.into_iter().map(|(s, _)| s),
+        2 * every,
+    );
+    for id in &ids[1..] {
+        assert_contiguous(app.events_of(id).await.into_iter().map(|(s, _)| s), 3);
+    }
+    assert_eq!(snapshot().await.unwrap(), (2 * every, 3));
+    let (instance, sequence) = app.state.commands.load_instance(&ids[0]).await.unwrap();
+    assert_eq!(sequence, 2 * every as u64);
+    assert_eq!(instance.thoughts as i64, 2 * every - 2);
+}
