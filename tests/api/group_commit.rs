@@ -71,6 +71,18 @@ async fn appends_requested(app: &TestApp) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The app's append writers waiting for a lock in their statement (see the hold below).
+async fn writers_waiting(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND query LIKE 'WITH appended AS%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
 /// Runs `think_all` while appends are held back: a transaction locks `events` against inserts,
 /// so the writers block on their first batch and every other command queues behind them. The
 /// hold ends once every command has been handed to the writers, and the queued ones go as one
@@ -305,8 +317,49 @@ async fn a_snapshot_moved_under_a_batch_fails_the_batch_whole_and_only_its_comma
     };
     let (splits, retried) = counters().await;
 
-    let answers = think_all_held(&app, &ids, |n| format!("thought {n}")).await;
-    for (n, (status, body)) in answers.iter().enumerate() {
+    // Both writers are held in a batch of their own (the last two runs' thoughts), so the
+    // other runs' thoughts, run 0's among them, queue and go as one batch.
+    let mut hold = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let (batch, decoys) = ids.split_at(RUNS - 2);
+    let mut held = Vec::new();
+    for (n, id) in decoys.iter().enumerate() {
+        held.push(tokio::spawn({
+            let (app, id) = (app.clone(), id.clone());
+            async move { think_all(&app, &[id], |_| "held".to_owned()).await }
+        }));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while writers_waiting(&app).await < n as i64 + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writer {n} never took its batch"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    let before = appends_requested(&app).await;
+    let answers = tokio::spawn({
+        let (app, batch) = (app.clone(), batch.to_vec());
+        async move { think_all(&app, &batch, |n| format!("thought {n}")).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while appends_requested(&app).await < before + batch.len() as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    hold.commit().await.unwrap();
+    for decoy in held {
+        let answer = decoy.await.unwrap();
+        assert_eq!(answer[0].0, StatusCode::OK, "{:?}", answer[0].1);
+        assert_eq!(answer[0].1["sequence"], 3);
+    }
+    for (n, (status, body)) in answers.await.unwrap().iter().enumerate() {
         assert_eq!(*status, StatusCode::OK, "run {n}: {body}");
         let expected = if n == 0 { 2 * every } else { 3 };
         assert_eq!(body["sequence"], expected, "run {n}: {body}");
