@@ -71,7 +71,7 @@ async fn appends_requested(app: &TestApp) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The app's append writers waiting for a lock in their statement (see the hold below).
+/// The app's append writers waiting for a lock in their statement (see [`think_held`]).
 async fn writers_waiting(app: &TestApp) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
@@ -92,12 +92,39 @@ async fn think_all_held(
     ids: &[String],
     thought: impl Fn(usize) -> String,
 ) -> Vec<(StatusCode, Value)> {
-    let before = appends_requested(app).await;
+    think_held(app, &[], ids, thought).await.1
+}
+
+/// [`think_all_held`], after each run of `occupying` has had a thought taken by a writer of its
+/// own (each writer blocked on it): with one per writer, every command of `ids` queues and they
+/// go as one batch. Returns the answers of `occupying`, then those of `ids`.
+async fn think_held(
+    app: &Arc<TestApp>,
+    occupying: &[String],
+    ids: &[String],
+    thought: impl Fn(usize) -> String,
+) -> (Vec<(StatusCode, Value)>, Vec<(StatusCode, Value)>) {
     let mut hold = app.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *hold)
         .await
         .unwrap();
+    let mut held = Vec::new();
+    for (n, id) in occupying.iter().enumerate() {
+        held.push(tokio::spawn({
+            let (app, id) = (app.clone(), id.clone());
+            async move { think_all(&app, &[id], |_| "held".to_owned()).await }
+        }));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while writers_waiting(app).await < n as i64 + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no writer took run {id}'s thought within 5 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    let before = appends_requested(app).await;
     let answers = tokio::spawn({
         let (app, ids) = (app.clone(), ids.to_vec());
         let bodies: Vec<String> = (0..ids.len()).map(thought).collect();
@@ -123,7 +150,11 @@ async fn think_all_held(
         "a command was answered while appends were held"
     );
     hold.commit().await.unwrap();
-    answers.await.unwrap()
+    let mut occupied = Vec::new();
+    for answer in held {
+        occupied.extend(answer.await.unwrap());
+    }
+    (occupied, answers.await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -319,47 +350,13 @@ async fn a_snapshot_moved_under_a_batch_fails_the_batch_whole_and_only_its_comma
 
     // Both writers are held in a batch of their own (the last two runs' thoughts), so the
     // other runs' thoughts, run 0's among them, queue and go as one batch.
-    let mut hold = app.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *hold)
-        .await
-        .unwrap();
-    let (batch, decoys) = ids.split_at(RUNS - 2);
-    let mut held = Vec::new();
-    for (n, id) in decoys.iter().enumerate() {
-        held.push(tokio::spawn({
-            let (app, id) = (app.clone(), id.clone());
-            async move { think_all(&app, &[id], |_| "held".to_owned()).await }
-        }));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while writers_waiting(&app).await < n as i64 + 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "writer {n} never took its batch"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+    let (batch, occupying) = ids.split_at(RUNS - 2);
+    let (held, answers) = think_held(&app, occupying, batch, |n| format!("thought {n}")).await;
+    for (status, body) in &held {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        assert_eq!(body["sequence"], 3, "{body}");
     }
-    let before = appends_requested(&app).await;
-    let answers = tokio::spawn({
-        let (app, batch) = (app.clone(), batch.to_vec());
-        async move { think_all(&app, &batch, |n| format!("thought {n}")).await }
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while appends_requested(&app).await < before + batch.len() as f64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the batch never queued"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    hold.commit().await.unwrap();
-    for decoy in held {
-        let answer = decoy.await.unwrap();
-        assert_eq!(answer[0].0, StatusCode::OK, "{:?}", answer[0].1);
-        assert_eq!(answer[0].1["sequence"], 3);
-    }
-    for (n, (status, body)) in answers.await.unwrap().iter().enumerate() {
+    for (n, (status, body)) in answers.iter().enumerate() {
         assert_eq!(*status, StatusCode::OK, "run {n}: {body}");
         let expected = if n == 0 { 2 * every } else { 3 };
         assert_eq!(body["sequence"], expected, "run {n}: {body}");
