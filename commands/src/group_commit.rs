@@ -30,6 +30,14 @@
 //! and the lookup is repeated, so a command is never stored twice nor reported lost when it
 //! was stored. A second connection failure answers `service_unavailable`.
 //!
+//! Each event's hash (the tamper-evidence chain, docs/operations/audit.md) is computed by the
+//! append statement itself, set-based, from the hash of the stream's previous event. The writers
+//! know that hash for every stream whose last event they committed (the statement returns the
+//! hashes it stored, and [`Heads`] keeps them); for any other event the statement leaves the hash
+//! empty and the `events_before_insert` trigger looks the predecessor up and computes it, as it
+//! does for every row inserted by other means. The per-row trigger and its lookup were the
+//! largest part of an append's time in PostgreSQL (docs/benchmarks.md, change 51).
+//!
 //! The checks are the store's own, as before: the `(aggregate_type, aggregate_id, sequence)`
 //! primary key catches a concurrent append, and a snapshot update that matches no row (another
 //! writer moved it) is a conflict — checked inside the statement, which then fails, so nothing
@@ -37,7 +45,7 @@
 //! Requests are sorted by aggregate before the insert, so two processes' batches over the same
 //! aggregates take their row locks in the same order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -48,8 +56,9 @@ use cqrs_es::persist::{
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
 
 use crate::error::is_unavailable;
 use crate::inline::TimelineRow;
@@ -62,6 +71,9 @@ pub const MAX_BATCH_EVENTS: usize = 1024;
 
 /// Requests that may wait for a writer before `persist` callers wait to queue.
 const QUEUE: usize = 4096;
+
+/// Streams whose last committed hash the writers remember (see [`Heads`]).
+const KNOWN_HEADS: usize = 50_000;
 
 /// How long a writer waits for a new connection before answering that the store is
 /// unavailable (the pool's acquire timeout).
@@ -90,6 +102,56 @@ pub struct GroupCommitRepository {
     reads: PostgresEventRepository,
     options: PgConnectOptions,
     queue: OnceLock<mpsc::Sender<Append>>,
+    heads: Arc<Heads>,
+}
+
+/// The sequence and hash of the last event of the streams the writers appended to, as their
+/// append statements returned them after commit.
+///
+/// An entry is a stored fact: events are immutable, so the event at that sequence has that
+/// hash for good. It only stops being the stream's head when another process appends; then
+/// the next append here carries a sequence the entry does not precede, finds no predecessor
+/// hash, and the trigger looks the predecessor up. A wrong hash can therefore never be chained
+/// from here. Bounded: when full, an arbitrary tenth is forgotten (those streams fall back to
+/// the lookup once).
+#[derive(Default)]
+struct Heads {
+    known: std::sync::Mutex<HashMap<(&'static str, String), Head>>,
+}
+
+/// A stream's last committed event.
+#[derive(Clone, Copy)]
+struct Head {
+    sequence: i64,
+    hash: [u8; 32],
+}
+
+impl Heads {
+    /// The hash of `aggregate`'s event at `sequence`, when it is the last one committed here.
+    fn hash(&self, kind: &'static str, aggregate_id: &str, sequence: i64) -> Option<[u8; 32]> {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known
+            .get(&(kind, aggregate_id.to_owned()))
+            .filter(|head| head.sequence == sequence)
+            .map(|head| head.hash)
+    }
+
+    /// Remembers the events an append stored (rows of its `RETURNING`).
+    fn remember(&self, stored: impl IntoIterator<Item = ((&'static str, String), Head)>) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        for (stream, head) in stored {
+            if known.len() >= KNOWN_HEADS && !known.contains_key(&stream) {
+                let victims: Vec<_> = known.keys().take(KNOWN_HEADS / 10).cloned().collect();
+                for victim in victims {
+                    known.remove(&victim);
+                }
+            }
+            let entry = known.entry(stream).or_insert(head);
+            if head.sequence > entry.sequence {
+                *entry = head;
+            }
+        }
+    }
 }
 
 impl GroupCommitRepository {
@@ -100,6 +162,7 @@ impl GroupCommitRepository {
             options: (*pool.connect_options()).clone(),
             reads: PostgresEventRepository::new(pool),
             queue: OnceLock::new(),
+            heads: Arc::default(),
         }
     }
 
@@ -109,7 +172,7 @@ impl GroupCommitRepository {
             let (sender, receiver) = mpsc::channel(QUEUE);
             let receiver = Arc::new(Mutex::new(receiver));
             for index in 0..WRITERS {
-                start_writer(index, &self.options, receiver.clone());
+                start_writer(index, &self.options, self.heads.clone(), receiver.clone());
             }
             sender
         })
@@ -191,6 +254,8 @@ fn stopped(what: &'static str) -> PersistenceError {
 struct Writer {
     options: PgConnectOptions,
     conn: Option<PgConnection>,
+    /// Shared by the repository's writers.
+    heads: Arc<Heads>,
 }
 
 impl Writer {
@@ -278,10 +343,11 @@ impl Writer {
 /// at once (docs/benchmarks.md, change 44). The thread ends with the queue (when the
 /// repository is dropped). Should the thread not start, the writer runs on the shared
 /// runtime, and the error says so.
-fn start_writer(index: usize, options: &PgConnectOptions, queue: Queue) {
+fn start_writer(index: usize, options: &PgConnectOptions, heads: Arc<Heads>, queue: Queue) {
     let writer = || Writer {
         options: options.clone(),
         conn: None,
+        heads: heads.clone(),
     };
     let started = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -378,8 +444,9 @@ async fn append_settled(writer: &mut Writer, requests: &mut Vec<Append>) -> Resu
             return Ok(());
         }
         // Failing to connect sends nothing: that outcome is known.
+        let heads = writer.heads.clone();
         let conn = writer.connection().await?;
-        let error = match append(conn, requests).await {
+        let error = match append(conn, &heads, requests).await {
             Ok(()) => return Ok(()),
             Err(Failure::Database(e)) => {
                 writer.failed(&e);
@@ -488,7 +555,11 @@ impl std::error::Error for SharedError {
 }
 
 /// One transaction: every event of `requests`, then their snapshot changes.
-async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Failure> {
+async fn append(
+    conn: &mut PgConnection,
+    heads: &Heads,
+    requests: &[Append],
+) -> Result<(), Failure> {
     let count: usize = requests.iter().map(|r| r.events.len()).sum();
     let (mut types, mut ids, mut sequences, mut names, mut versions, mut payloads, mut metadata) = (
         Vec::with_capacity(count),
@@ -499,6 +570,10 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
         Vec::with_capacity(count),
         Vec::with_capacity(count),
     );
+    let mut event_ids = Vec::with_capacity(count);
+    // The predecessor's hash of each event, where a writer committed it: the first event of a
+    // request whose stream's head is known. `None` leaves the hash to the trigger.
+    let mut predecessors: Vec<Option<[u8; 32]>> = Vec::with_capacity(count);
     let mut created = Snapshots::default();
     let mut moved = Snapshots::default();
     let mut timeline = TimelineColumns::default();
@@ -506,7 +581,14 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
         for row in &request.timeline {
             timeline.push(row);
         }
-        for event in &request.events {
+        for (n, event) in request.events.iter().enumerate() {
+            let sequence = event.sequence as i64;
+            predecessors.push(if n == 0 && sequence > 1 {
+                heads.hash(request.aggregate_type, &event.aggregate_id, sequence - 1)
+            } else {
+                None
+            });
+            event_ids.push(Uuid::new_v4());
             types.push(request.aggregate_type);
             ids.push(event.aggregate_id.as_str());
             sequences.push(event.sequence as i64);
@@ -528,6 +610,18 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
     // The events, the snapshots and the inline timeline's rows go in one statement, committed
     // when it returns: one round trip. A batch that moves snapshots checks the moves in that
     // statement ([`APPEND_MOVING`]); the others use the shorter [`APPEND`].
+    let unknown = predecessors
+        .iter()
+        .zip(&sequences)
+        .filter(|(prev, sequence)| prev.is_none() && **sequence > 1)
+        .count();
+    if unknown > 0 {
+        metrics::counter!("apex_append_hash_lookups_total").increment(unknown as u64);
+    }
+    let predecessors: Vec<Option<&[u8]>> = predecessors
+        .iter()
+        .map(|prev| prev.as_ref().map(<[u8; 32]>::as_slice))
+        .collect();
     let moving = !moved.ids.is_empty();
     let mut appended = sqlx::query(if moving { APPEND_MOVING } else { APPEND })
         .bind(&types)
@@ -537,6 +631,8 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
         .bind(&versions)
         .bind(&payloads)
         .bind(&metadata)
+        .bind(&event_ids)
+        .bind(&predecessors)
         .bind(&created.types)
         .bind(&created.ids)
         .bind(&created.last)
@@ -556,28 +652,74 @@ async fn append(conn: &mut PgConnection, requests: &[Append]) -> Result<(), Fail
             .bind(&moved.counter)
             .bind(&moved.states);
     }
-    match appended.execute(conn).await {
-        Ok(_) => Ok(()),
+    let stored = match appended.fetch_all(conn).await {
+        Ok(rows) => rows,
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(SNAPSHOT_MOVED) => {
-            Err(Failure::SnapshotMoved)
+            return Err(Failure::SnapshotMoved);
         }
-        Err(e) => Err(e.into()),
+        Err(e) => return Err(e.into()),
+    };
+    // Committed: every stored hash is now a fact the next append of its stream can chain to.
+    let mut heads_stored = Vec::with_capacity(stored.len());
+    for row in &stored {
+        let kind: String = row.try_get(0)?;
+        let Some(kind) = requests
+            .iter()
+            .map(|r| r.aggregate_type)
+            .find(|t| *t == kind)
+        else {
+            continue;
+        };
+        let hash: Vec<u8> = row.try_get(3)?;
+        let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+            continue;
+        };
+        let head = Head {
+            sequence: row.try_get(2)?,
+            hash,
+        };
+        heads_stored.push(((kind, row.try_get::<String, _>(1)?), head));
     }
+    heads.remember(heads_stored);
+    Ok(())
 }
 
 /// The events and the new snapshots of a batch, as `WITH` clauses.
+///
+/// An event's metadata columns and hash are computed here, set-based, by the expressions of
+/// the `events_before_insert` trigger (migrations/20261206000011_append_trigger_once_per_event.sql):
+/// the hash where the predecessor's is known (`$9`, see [`Heads`]) or the event opens its
+/// stream. The other events get no hash, which makes the trigger (`WHEN (NEW.hash IS NULL)`)
+/// fill them, predecessor looked up. `recorded_at` is the transaction's `now()`, hashed as the
+/// trigger hashes it.
 macro_rules! events_and_new_snapshots {
     () => {
-        "WITH appended AS (
+        r"WITH appended AS (
              INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                                 event_version, payload, metadata)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                                  $6::jsonb[], $7::jsonb[])),
+                                 event_version, payload, metadata, event_id, recorded_at,
+                                 correlation_id, causation_id, principal, principal_role, hash)
+             SELECT e.kind, e.id, e.seq, e.name, e.version, e.payload, e.metadata, e.event_id,
+                    now(), (e.metadata ->> 'correlation_id')::uuid,
+                    (e.metadata ->> 'causation_id')::uuid, e.metadata ->> 'principal',
+                    e.metadata ->> 'principal_role',
+                    CASE WHEN e.seq = 1 OR e.prev IS NOT NULL THEN sha256(
+                        coalesce(e.prev, '\x'::bytea)
+                        || convert_to(
+                            concat_ws(E'\x1f',
+                                e.kind, e.id, e.seq::text, e.name, e.version, e.event_id::text,
+                                e.payload::text, e.metadata::text,
+                                extract(epoch FROM now())::numeric::text),
+                            'UTF8'))
+                    END
+               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                           $6::jsonb[], $7::jsonb[], $8::uuid[], $9::bytea[])
+                    AS e(kind, id, seq, name, version, payload, metadata, event_id, prev)
+             RETURNING aggregate_type, aggregate_id, sequence, hash),
          snapshotted AS (
              INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence,
                                     current_snapshot, payload)
-             SELECT * FROM unnest($8::text[], $9::text[], $10::bigint[], $11::bigint[],
-                                  $12::jsonb[]))"
+             SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::bigint[],
+                                  $14::jsonb[]))"
     };
 }
 
@@ -590,13 +732,28 @@ macro_rules! timeline_rows {
                 COALESCE(t.owner, (SELECT r.owner_id FROM rm_timeline r
                                     WHERE r.instance_id = t.id AND r.sequence = 1)),
                 t.kind, now(), t.display, t.trace
-           FROM unnest($13::uuid[], $14::bigint[], $15::text[], $16::text[], $17::jsonb[],
-                       $18::text[]) AS t(id, seq, owner, kind, display, trace)"
+           FROM unnest($15::uuid[], $16::bigint[], $17::text[], $18::text[], $19::jsonb[],
+                       $20::text[]) AS t(id, seq, owner, kind, display, trace)"
+    };
+}
+
+/// What an append answers: the events it stored, to chain the next append of each stream to.
+macro_rules! stored {
+    () => {
+        "
+     SELECT aggregate_type, aggregate_id, sequence, hash FROM appended"
     };
 }
 
 /// A batch's append when no snapshot moves.
-const APPEND: &str = concat!(events_and_new_snapshots!(), "\n", timeline_rows!());
+const APPEND: &str = concat!(
+    events_and_new_snapshots!(),
+    ",
+     timeline AS (",
+    timeline_rows!(),
+    ")",
+    stored!()
+);
 
 /// A batch's append that moves snapshots: each `UPDATE` matches only while the snapshot's
 /// counter is still the one its command read; when fewer rows matched than the batch moves,
@@ -608,17 +765,21 @@ const APPEND_MOVING: &str = concat!(
      moved AS (
          UPDATE snapshots s
             SET last_sequence = u.last, current_snapshot = u.counter, payload = u.state
-           FROM unnest($19::text[], $20::text[], $21::bigint[], $22::bigint[], $23::jsonb[])
+           FROM unnest($21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::jsonb[])
                 AS u(aggregate_type, aggregate_id, last, counter, state)
           WHERE s.aggregate_type = u.aggregate_type AND s.aggregate_id = u.aggregate_id
             AND s.current_snapshot = u.counter - 1
          RETURNING 1),
      timeline AS (",
     timeline_rows!(),
-    ")
-     SELECT append_snapshot_moved(m.count, cardinality($20::text[]))
+    ")",
+    stored!(),
+    "
+     UNION ALL
+     SELECT NULL, NULL, NULL, NULL
        FROM (SELECT count(*) AS count FROM moved) m
-      WHERE m.count <> cardinality($20::text[])"
+      WHERE m.count <> cardinality($22::text[])
+        AND append_snapshot_moved(m.count, cardinality($22::text[])) IS NULL"
 );
 
 /// The SQLSTATE of `append_snapshot_moved`: a batch's snapshot update matched fewer rows

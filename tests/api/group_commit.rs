@@ -62,13 +62,19 @@ async fn transactions(app: &TestApp, ids: &[String], sequence: i64) -> BTreeSet<
     .collect()
 }
 
-/// Appends handed to the writers so far: `apex_append_requests_total` on `/metrics`.
-async fn appends_requested(app: &TestApp) -> f64 {
+/// The counter `name` on `/metrics` (0 before it first counts; every service of the process
+/// counts there).
+async fn counter(app: &TestApp, name: &str) -> f64 {
     scrape(&app.client, &app.url("/metrics"))
         .await
-        .get("apex_append_requests_total")
+        .get(name)
         .copied()
         .unwrap_or(0.0)
+}
+
+/// Appends handed to the writers so far.
+async fn appends_requested(app: &TestApp) -> f64 {
+    counter(app, "apex_append_requests_total").await
 }
 
 /// The app's append writers waiting for a lock in their statement (see [`think_held`]).
@@ -377,4 +383,76 @@ async fn a_snapshot_moved_under_a_batch_fails_the_batch_whole_and_only_its_comma
     let (instance, sequence) = app.state.commands.load_instance(&ids[0]).await.unwrap();
     assert_eq!(sequence, 2 * every as u64);
     assert_eq!(instance.thoughts as i64, 2 * every - 2);
+}
+
+/// Events whose hash an append left to the trigger, which looked the predecessor up.
+async fn hash_lookups(app: &TestApp) -> f64 {
+    counter(app, "apex_append_hash_lookups_total").await
+}
+
+/// Stored events whose hash is not the chain the database's `event_hash` computes.
+async fn unchained(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events e
+           LEFT JOIN events p ON p.aggregate_type = e.aggregate_type
+                             AND p.aggregate_id = e.aggregate_id AND p.sequence = e.sequence - 1
+          WHERE e.hash IS DISTINCT FROM event_hash(p.hash, e)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_chains_each_hash_to_what_its_writers_committed_and_else_looks_it_up() {
+    let (app, ids) = runs().await;
+    // Every run was created and started by this app: its writers know each stream's head.
+    assert_eq!(hash_lookups(&app).await, 0.0);
+    for (status, body) in think_all(&app, &ids, |n| format!("thought {n}")).await {
+        assert_eq!(
+            (status, body["sequence"].clone()),
+            (StatusCode::OK, json!(3))
+        );
+    }
+    assert_eq!(hash_lookups(&app).await, 0.0);
+
+    // Another replica appends to run 0: it never committed the predecessor, so that one hash
+    // is the trigger's, and the app's head of run 0 is no longer the stream's.
+    let replica = CommandService::new(app.pool.clone(), RetryPolicy::default());
+    let think = InstanceAction::Think {
+        thought: "from the other replica".to_owned(),
+        prompt: None,
+        raw: None,
+    };
+    let outcome = replica
+        .instance(&ids[0], think, &runner_context())
+        .await
+        .unwrap();
+    assert_eq!(outcome.sequence, 4);
+    assert_eq!(hash_lookups(&app).await, 1.0);
+
+    // The app's next append to run 0 (sequence 5, after its stale copy lost once) looks the
+    // replica's event up; the one after is chained from what it committed itself.
+    for round in 0..2 {
+        for (n, (status, body)) in think_all(&app, &ids, |n| format!("more {n}"))
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let expected = if n == 0 { 5 + round } else { 4 + round };
+            assert_eq!(status, StatusCode::OK, "run {n}: {body}");
+            assert_eq!(body["sequence"], expected, "run {n}: {body}");
+        }
+        assert_eq!(hash_lookups(&app).await, 2.0, "after round {round}");
+    }
+
+    // Whoever computed it, every hash is the chain the database function and the audit compute.
+    let events = app.event_count().await;
+    assert!(events > RUNS as i64 * 5, "{events} events");
+    assert_eq!(unchained(&app).await, 0);
+    let verification = apex_projections::audit::verify(&app.pool, None, |_| {})
+        .await
+        .unwrap();
+    assert!(verification.intact(), "{:?}", verification.breaks);
+    assert_eq!(verification.events_checked as i64, events);
 }
