@@ -607,9 +607,6 @@ async fn append(
             target.push(request.aggregate_type, id, last, *snapshot as i64, state);
         }
     }
-    // The events, the snapshots and the inline timeline's rows go in one statement, committed
-    // when it returns: one round trip. A batch that moves snapshots checks the moves in that
-    // statement ([`APPEND_MOVING`]); the others use the shorter [`APPEND`].
     let unknown = predecessors
         .iter()
         .zip(&sequences)
@@ -622,6 +619,9 @@ async fn append(
         .iter()
         .map(|prev| prev.as_ref().map(<[u8; 32]>::as_slice))
         .collect();
+    // The events, the snapshots and the inline timeline's rows go in one statement, committed
+    // when it returns: one round trip. A batch that moves snapshots checks the moves in that
+    // statement ([`APPEND_MOVING`]); the others use the shorter [`APPEND`].
     let moving = !moved.ids.is_empty();
     let mut appended = sqlx::query(if moving { APPEND_MOVING } else { APPEND })
         .bind(&types)
@@ -660,28 +660,40 @@ async fn append(
         Err(e) => return Err(e.into()),
     };
     // Committed: every stored hash is now a fact the next append of its stream can chain to.
-    let mut heads_stored = Vec::with_capacity(stored.len());
+    // Nothing here may fail the append any more; a row that cannot be read is only not
+    // remembered (its stream's next append looks the predecessor up).
+    let mut known = Vec::with_capacity(stored.len());
     for row in &stored {
-        let kind: String = row.try_get(0)?;
-        let Some(kind) = requests
-            .iter()
-            .map(|r| r.aggregate_type)
-            .find(|t| *t == kind)
-        else {
-            continue;
-        };
-        let hash: Vec<u8> = row.try_get(3)?;
-        let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
-            continue;
-        };
-        let head = Head {
-            sequence: row.try_get(2)?,
-            hash,
-        };
-        heads_stored.push(((kind, row.try_get::<String, _>(1)?), head));
+        match stored_head(row, requests) {
+            Ok(head) => known.push(head),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read an appended event's hash back; its stream's next append looks it up")
+            }
+        }
     }
-    heads.remember(heads_stored);
+    heads.remember(known);
     Ok(())
+}
+
+/// The stream and head of one row the append statement returned.
+fn stored_head(
+    row: &sqlx::postgres::PgRow,
+    requests: &[Append],
+) -> Result<((&'static str, String), Head), sqlx::Error> {
+    let kind: String = row.try_get(0)?;
+    let kind = requests
+        .iter()
+        .map(|r| r.aggregate_type)
+        .find(|t| *t == kind)
+        .ok_or_else(|| sqlx::Error::Protocol(format!("aggregate type {kind} not in the batch")))?;
+    let hash: Vec<u8> = row.try_get(3)?;
+    let hash = <[u8; 32]>::try_from(hash.as_slice())
+        .map_err(|_| sqlx::Error::Protocol(format!("a {}-byte hash", hash.len())))?;
+    let head = Head {
+        sequence: row.try_get(2)?,
+        hash,
+    };
+    Ok(((kind, row.try_get(1)?), head))
 }
 
 /// The events and the new snapshots of a batch, as `WITH` clauses.
