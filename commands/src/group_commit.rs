@@ -574,6 +574,7 @@ async fn append(
     // The predecessor's hash of each event, where a writer committed it: the first event of a
     // request whose stream's head is known. `None` leaves the hash to the trigger.
     let mut predecessors: Vec<Option<[u8; 32]>> = Vec::with_capacity(count);
+    let mut lookups = 0u64;
     let mut created = Snapshots::default();
     let mut moved = Snapshots::default();
     let mut timeline = TimelineColumns::default();
@@ -583,15 +584,19 @@ async fn append(
         }
         for (n, event) in request.events.iter().enumerate() {
             let sequence = event.sequence as i64;
-            predecessors.push(if n == 0 && sequence > 1 {
+            let predecessor = if n == 0 && sequence > 1 {
                 heads.hash(request.aggregate_type, &event.aggregate_id, sequence - 1)
             } else {
                 None
-            });
+            };
+            if predecessor.is_none() && sequence > 1 {
+                lookups += 1;
+            }
+            predecessors.push(predecessor);
             event_ids.push(Uuid::new_v4());
             types.push(request.aggregate_type);
             ids.push(event.aggregate_id.as_str());
-            sequences.push(event.sequence as i64);
+            sequences.push(sequence);
             names.push(event.event_type.as_str());
             versions.push(event.event_version.as_str());
             payloads.push(&event.payload);
@@ -607,13 +612,8 @@ async fn append(
             target.push(request.aggregate_type, id, last, *snapshot as i64, state);
         }
     }
-    let unknown = predecessors
-        .iter()
-        .zip(&sequences)
-        .filter(|(prev, sequence)| prev.is_none() && **sequence > 1)
-        .count();
-    if unknown > 0 {
-        metrics::counter!("apex_append_hash_lookups_total").increment(unknown as u64);
+    if lookups > 0 {
+        metrics::counter!("apex_append_hash_lookups_total").increment(lookups);
     }
     let predecessors: Vec<Option<&[u8]>> = predecessors
         .iter()
@@ -696,7 +696,7 @@ fn stored_head(
     Ok(((kind, row.try_get(1)?), head))
 }
 
-/// The events and the new snapshots of a batch, as `WITH` clauses.
+/// The events, the new snapshots and the inline timeline's rows of a batch, as `WITH` clauses.
 ///
 /// An event's metadata columns and hash are computed here, set-based, by the expressions of
 /// the `events_before_insert` trigger (migrations/20261206000011_append_trigger_once_per_event.sql):
@@ -704,7 +704,10 @@ fn stored_head(
 /// stream. The other events get no hash, which makes the trigger (`WHEN (NEW.hash IS NULL)`)
 /// fill them, predecessor looked up. `recorded_at` is the transaction's `now()`, hashed as the
 /// trigger hashes it.
-macro_rules! events_and_new_snapshots {
+///
+/// A timeline row's `at` is its event's `recorded_at` (both the transaction's `now()`); a run's
+/// owner is its creation's, in the same append or stored.
+macro_rules! batch_clauses {
     () => {
         r"WITH appended AS (
              INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
@@ -731,21 +734,16 @@ macro_rules! events_and_new_snapshots {
              INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence,
                                     current_snapshot, payload)
              SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::bigint[],
-                                  $14::jsonb[]))"
-    };
-}
-
-/// The inline timeline's rows of a batch. A row's `at` is its event's `recorded_at` (both the
-/// transaction's `now()`); a run's owner is its creation's, in the same append or stored.
-macro_rules! timeline_rows {
-    () => {
-        "INSERT INTO rm_timeline (instance_id, sequence, owner_id, kind, at, display, traceparent)
-         SELECT t.id, t.seq,
-                COALESCE(t.owner, (SELECT r.owner_id FROM rm_timeline r
-                                    WHERE r.instance_id = t.id AND r.sequence = 1)),
-                t.kind, now(), t.display, t.trace
-           FROM unnest($15::uuid[], $16::bigint[], $17::text[], $18::text[], $19::jsonb[],
-                       $20::text[]) AS t(id, seq, owner, kind, display, trace)"
+                                  $14::jsonb[])),
+         timeline AS (
+             INSERT INTO rm_timeline (instance_id, sequence, owner_id, kind, at, display,
+                                      traceparent)
+             SELECT t.id, t.seq,
+                    COALESCE(t.owner, (SELECT r.owner_id FROM rm_timeline r
+                                        WHERE r.instance_id = t.id AND r.sequence = 1)),
+                    t.kind, now(), t.display, t.trace
+               FROM unnest($15::uuid[], $16::bigint[], $17::text[], $18::text[], $19::jsonb[],
+                           $20::text[]) AS t(id, seq, owner, kind, display, trace))"
     };
 }
 
@@ -758,21 +756,14 @@ macro_rules! stored {
 }
 
 /// A batch's append when no snapshot moves.
-const APPEND: &str = concat!(
-    events_and_new_snapshots!(),
-    ",
-     timeline AS (",
-    timeline_rows!(),
-    ")",
-    stored!()
-);
+const APPEND: &str = concat!(batch_clauses!(), stored!());
 
 /// A batch's append that moves snapshots: each `UPDATE` matches only while the snapshot's
 /// counter is still the one its command read; when fewer rows matched than the batch moves,
 /// `append_snapshot_moved` fails the statement (SQLSTATE [`SNAPSHOT_MOVED`]), so nothing of
 /// the batch lands.
 const APPEND_MOVING: &str = concat!(
-    events_and_new_snapshots!(),
+    batch_clauses!(),
     ",
      moved AS (
          UPDATE snapshots s
@@ -781,10 +772,7 @@ const APPEND_MOVING: &str = concat!(
                 AS u(aggregate_type, aggregate_id, last, counter, state)
           WHERE s.aggregate_type = u.aggregate_type AND s.aggregate_id = u.aggregate_id
             AND s.current_snapshot = u.counter - 1
-         RETURNING 1),
-     timeline AS (",
-    timeline_rows!(),
-    ")",
+         RETURNING 1)",
     stored!(),
     "
      UNION ALL
