@@ -152,7 +152,8 @@ pub struct ProjectorConfig {
     /// Attempts for a non-transient failure before dead-lettering.
     pub max_attempts: u32,
     /// Smallest batch a group of several read models applies in one transaction (see
-    /// `process_group`); smaller batches go to each read model's own transaction, concurrently.
+    /// `process_group`; by default every batch); smaller batches go to each read model's own
+    /// transaction, concurrently.
     pub group_transaction_from: usize,
 }
 
@@ -165,7 +166,7 @@ impl ProjectorConfig {
             prefetch: 1024,
             batch_size: 512,
             max_attempts: 3,
-            group_transaction_from: 128,
+            group_transaction_from: 1,
         }
     }
 
@@ -456,25 +457,27 @@ struct Decoded {
 /// A delivery and its decoding (or why it has none).
 type Decoding<'a> = (&'a Delivery, Result<Decoded, String>);
 
-/// The fast path of a group of several read models for a large batch: every read model's
-/// set-based fold of the batch in one transaction, on a connection the group keeps, so a batch
-/// costs one `BEGIN` and one commit (one WAL flush) instead of one per read model. The folds
-/// run one after the other in the group's order of read models, each locking its offset rows
-/// in `aggregate_id` order as it does alone, so two replicas' group transactions, or a group
+/// The fast path of a group of several read models: the batch applied set-based to every read
+/// model in one transaction, on a connection the group keeps, with three statements whatever
+/// the number of read models (`rebuild::batch`: the offsets, the rows read back, every write),
+/// so a batch costs one `BEGIN`, three statements and one commit (one WAL flush). The offset
+/// rows are locked read model by read model in the group's order, each in `aggregate_id` order
+/// as a read model alone locks them, so two replicas' group transactions, or a group
 /// transaction and a read model's set-based one, take their locks in one order (a per-event
-/// batch locks in delivery order and may deadlock with it: the transaction then fails, and
-/// the batch goes to the read models' own transactions, which retry it).
+/// batch locks in delivery order and may deadlock with it: the transaction then fails, and the
+/// batch goes to the read models' own transactions, which retry it).
 ///
-/// Only batches of at least `group_transaction_from` events come here. A large batch means a
-/// backlog, where what counts is the rate, and one transaction instead of four drains it
-/// faster. A small batch means the projector keeps up, and what counts is the step's latency
-/// to the chat: there the four transactions' round trips overlap, and the folds one after the
-/// other measured slower (docs/benchmarks.md, change 34).
+/// Every batch of at least `group_transaction_from` events (by default every batch) comes
+/// here. Under load the projector's time per batch was mostly round trips, not rows: one
+/// transaction of five round trips costs less, and ends sooner, than one per read model of as
+/// many each running side by side (docs/benchmarks.md, change 52; change 34 had measured the
+/// opposite for small batches when the folds took four to seven statements each).
 ///
-/// Returns whether it applied the batch: `false`, having written nothing, when a delivery did not decode, a read model's batch is not a clean continuation of its
-/// streams (a duplicate, a gap, a read model ahead of the others after its rebuild), or the
-/// transaction failed: each read model then takes the batch on its own ([`process`]), where
-/// dead letters, duplicates, gap repair and retries are handled per read model.
+/// Returns whether it applied the batch: `false`, having written nothing, when a delivery did
+/// not decode, a read model's batch is not a clean continuation of its streams (a duplicate,
+/// a gap, a read model ahead of the others after its rebuild), or the transaction failed: each
+/// read model then takes the batch on its own ([`process`]), where dead letters, duplicates,
+/// gap repair and retries are handled per read model.
 async fn process_group(
     pool: &PgPool,
     connection: &mut Option<PoolConnection<Postgres>>,
@@ -499,11 +502,9 @@ async fn process_group(
         };
         let conn: &mut PgConnection = connection.insert(conn);
         let mut tx = sqlx::Connection::begin_with(conn, group_begin_statement(models)).await?;
-        for model in models {
-            if !apply_set_based(&mut tx, *model, &decoded).await? {
-                tx.rollback().await?;
-                return Ok(false);
-            }
+        if !apply_set_based(&mut tx, models, &decoded).await? {
+            tx.rollback().await?;
+            return Ok(false);
         }
         tx.commit().await?;
         Ok(true)
@@ -572,7 +573,7 @@ async fn process(
             None => pool.acquire().await?,
         };
         let mut tx = begin_on(connection.insert(conn), model).await?;
-        if apply_set_based(&mut tx, model, &decoded).await? {
+        if apply_set_based(&mut tx, &[model], &decoded).await? {
             tx.commit().await?;
             metrics::counter!("apex_projector_processed_total", "projector" => model.name())
                 .increment(decoded.len() as u64);
@@ -617,33 +618,36 @@ fn record_delay(model: ReadModel, committed: &[(&Delivery, &Decoded)]) {
     );
 }
 
-/// Applies the batch with one statement per table (see `rebuild::batch`); each event then gets
-/// a `project` span continuing its command's trace. Returns `false`, having written nothing,
-/// when the batch does not continue its streams exactly or the read model has no set-based
-/// form.
+/// Applies the batch to each of `models` set-based (see `rebuild::batch`: three statements,
+/// whatever the number of read models); each event then gets a `project` span per read model
+/// continuing its command's trace. Returns `false`, having written nothing, when the batch
+/// does not continue its streams exactly or a read model has no set-based form.
 async fn apply_set_based(
     conn: &mut PgConnection,
-    model: ReadModel,
+    models: &[ReadModel],
     decoded: &[(&Delivery, &Decoded)],
 ) -> Result<bool, sqlx::Error> {
-    if model == ReadModel::Agents || decoded.is_empty() {
+    if models.contains(&ReadModel::Agents) || decoded.is_empty() {
         return Ok(false);
     }
+    let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
     let batch_span = tracing::debug_span!(
         "project.batch",
-        projector = model.name(),
+        projector = names.join(","),
         size = decoded.len()
     );
     let events = decoded.iter().map(|(_, d)| (&d.stored, &d.event));
-    if !batch::apply(conn, model, events)
+    if !batch::apply(conn, models, events)
         .instrument(batch_span)
         .await?
     {
         return Ok(false);
     }
-    for (_, d) in decoded {
-        project_span(model, &d.stored)
-            .in_scope(|| tracing::trace!(batch = decoded.len(), "projected in a batch"));
+    for model in models {
+        for (_, d) in decoded {
+            project_span(*model, &d.stored)
+                .in_scope(|| tracing::trace!(batch = decoded.len(), "projected in a batch"));
+        }
     }
     Ok(true)
 }

@@ -701,7 +701,7 @@ async fn apply_events(
         .filter(|(s, _)| s.aggregate_type == model.aggregate_type())
         .collect();
     if model == ReadModel::Agents
-        || !batch::apply(conn, model, mine.iter().map(|(s, e)| (s, e))).await?
+        || !batch::apply(conn, &[model], mine.iter().map(|(s, e)| (s, e))).await?
     {
         for (stored, event) in mine {
             apply_one(conn, model, stored, event).await?;

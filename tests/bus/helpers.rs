@@ -87,10 +87,6 @@ impl Bus {
     pub fn projector_config(&self) -> ProjectorConfig {
         let mut config = ProjectorConfig::new(self.amqp.clone());
         config.queue_prefix = self.prefix.clone();
-        // Every batch of two or more events tries the group's transaction first, so these
-        // tests exercise it and its fallback to the read models' own transactions (by
-        // default only a backlog's large batches take it).
-        config.group_transaction_from = 2;
         config
     }
 

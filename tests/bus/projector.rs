@@ -404,6 +404,55 @@ async fn a_batch_one_read_model_already_has_is_applied_once_by_each_of_the_other
     bus.finish(tasks).await;
 }
 
+/// A batch that continues its streams reaches the group's three read models in one
+/// transaction: they share its commit, so their status rows carry one `last_applied_at` (the
+/// transaction's start), and each applies every event once, as a replay builds them. (Were the
+/// batch refused by the group's set-based path, each read model would take it in a
+/// transaction of its own, each with its own `last_applied_at`.)
+#[tokio::test]
+async fn a_batch_continuing_its_streams_reaches_the_groups_read_models_in_one_transaction() {
+    let bus = bus().await;
+    bus.declare_projectors().await;
+    bus.agent("triage", &["search"]).await;
+    let first = bus.run("user-1", "triage").await;
+    bus.think(&first, 3).await; // sequences 1..=5
+    let second = bus.run("user-2", "triage").await;
+    bus.think(&second, 2).await; // sequences 1..=4
+    for sequence in 1..=5 {
+        inject(&bus, ProjectorGroup::Instance, &first, &[sequence]).await;
+        if sequence <= 4 {
+            inject(&bus, ProjectorGroup::Instance, &second, &[sequence]).await;
+        }
+    }
+    inject(&bus, ProjectorGroup::Agent, "triage", &[1, 2]).await;
+
+    let tasks = bus.spawn_projectors();
+    bus.wait_projected(Duration::from_secs(20)).await;
+    assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
+    let status: Vec<(String, i64, i64, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+        "SELECT projector, processed_total, skipped_total, last_applied_at FROM projector_status
+          WHERE projector IN ('instances', 'agent_stats', 'usage') ORDER BY projector",
+    )
+    .fetch_all(&bus.pool)
+    .await
+    .unwrap();
+    assert_eq!(status.len(), 3);
+    for (model, processed, skipped, _) in &status {
+        assert_eq!(
+            (*processed, *skipped),
+            (9, 0),
+            "{model} applied the events other than once"
+        );
+    }
+    let applied: Vec<_> = status.iter().map(|(_, _, _, at)| *at).collect();
+    assert!(applied[0].is_some());
+    assert!(
+        applied.iter().all(|at| *at == applied[0]),
+        "the read models committed the batch in separate transactions: {status:?}"
+    );
+    bus.finish(tasks).await;
+}
+
 #[tokio::test]
 async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_deleted() {
     let bus = bus().await;

@@ -1,25 +1,32 @@
-//! Set-based application of one batch of instance events to a read model: the live projectors'
-//! fast path and the rebuild's replay into a private copy.
+//! Set-based application of one batch of instance events to one or several read models: the
+//! live projectors' fast path and the rebuild's replay into a private copy.
 //!
 //! The per-event path spends five to seven statements per event (offset bookkeeping around the
 //! read-model write). When a batch continues every stream it touches exactly (the common case:
 //! no duplicate, no gap), it is folded in memory with the same rules as
-//! `read_models::*::apply` and written with one `unnest` statement per table, plus one for the
-//! offsets. The fold reads what it needs of earlier batches (the rows of the batch's runs)
-//! first, so the result is the one the per-event path produces; `consistency::replayed` is the
-//! reference the tests compare with.
+//! `read_models::*::apply` and written with one `unnest` clause per table. The fold reads what
+//! it needs of earlier batches (the rows of the batch's runs) first, so the result is the one
+//! the per-event path produces; `consistency::replayed` is the reference the tests compare with.
+//!
+//! Round trips: whatever the number of read models, a batch costs three statements: one locks
+//! (and creates) the offset rows of every read model's streams, one reads back every read
+//! model's rows of the batch's earlier runs, and one writes every table, the offsets and the
+//! status rows (data-modifying `WITH` clauses). Under load the projector's time per batch was
+//! mostly round trips, not rows (docs/benchmarks.md, change 52).
 //!
 //! Concurrency: several projector replicas may consume one queue. The batch first locks the
-//! offset rows of its streams (created if missing, locked in `aggregate_id` order), so two
-//! batches touching one stream serialize and the second sees the first's offsets; rows shared
-//! across streams (per agent, per user) are written in key order, so replicas never deadlock.
+//! offset rows of its streams (created if missing, locked read model by read model in
+//! `aggregate_id` order), so two batches touching one stream serialize and the second sees the
+//! first's offsets; rows shared across streams (per agent, per user) are written in key order,
+//! so replicas never deadlock.
 
 use std::collections::HashMap;
 
 use apex_domain::instance::InstanceEvent;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use sqlx::PgConnection;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{Arguments, PgConnection, Postgres, Row};
 use uuid::Uuid;
 
 use crate::envelope::{DomainEvent, StoredEvent};
@@ -27,37 +34,50 @@ use crate::read_models::{ReadModel, timeline_entry};
 
 type Event<'a> = (&'a StoredEvent, Uuid, &'a InstanceEvent);
 
-/// Applies `events` (all of the model's aggregate type, in store order) set-based. Returns
-/// `false`, having written nothing, when the batch is not a clean continuation of every stream
-/// it touches: the caller then takes the per-event path.
+/// Applies `events` (all of the models' aggregate type, in store order) set-based to each of
+/// `models`, in one statement for the offsets, one for what the folds read and one for every
+/// write. Returns `false`, having written nothing, when the batch is not a clean continuation
+/// of every stream it touches in every read model: the caller then takes the per-event path.
 pub(crate) async fn apply<'a>(
     conn: &mut PgConnection,
-    model: ReadModel,
+    models: &[ReadModel],
     events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
 ) -> Result<bool, sqlx::Error> {
-    let mut batch = Vec::new();
-    for (stored, event) in events {
-        let (DomainEvent::Instance(event), Ok(id)) = (event, Uuid::parse_str(&stored.aggregate_id))
-        else {
-            return Ok(false);
-        };
-        batch.push((stored, id, event));
+    let Some(batch) = instance_batch(events) else {
+        return Ok(false);
+    };
+    if models.contains(&ReadModel::Agents) {
+        return Ok(false);
     }
     if batch.is_empty() {
         return Ok(true);
     }
-    let Some(last) = continuation(conn, model, &batch).await? else {
+    let Some(last) = continuation(conn, models, &batch).await? else {
         return Ok(false);
     };
-    match model {
-        ReadModel::Timeline => timeline(conn, &batch).await?,
-        ReadModel::Instances => instances(conn, &batch).await?,
-        ReadModel::AgentStats => agent_stats(conn, &batch).await?,
-        ReadModel::Usage => usage(conn, &batch).await?,
-        ReadModel::Agents => return Ok(false),
+    let known = read(conn, models, &batch).await?;
+    let mut writes = Writes::default();
+    for model in models {
+        fold(*model, &batch, &known, &mut writes)?;
     }
-    bookkeeping(conn, model, &batch, last).await?;
+    bookkeeping(&mut writes, models, &batch, last)?;
+    writes.execute(conn).await?;
     Ok(true)
+}
+
+/// The batch's instance events with their run ids, or `None` when one is of another kind.
+fn instance_batch<'a>(
+    events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
+) -> Option<Vec<Event<'a>>> {
+    events
+        .into_iter()
+        .map(
+            |(stored, event)| match (event, Uuid::parse_str(&stored.aggregate_id)) {
+                (DomainEvent::Instance(event), Ok(id)) => Some((stored, id, event)),
+                _ => None,
+            },
+        )
+        .collect()
 }
 
 /// The offsets of a rebuild's private copy, kept in memory while the store is replayed into
@@ -79,13 +99,11 @@ pub(crate) async fn apply_replay<'a>(
     events: impl IntoIterator<Item = (&'a StoredEvent, &'a DomainEvent)>,
     offsets: &mut CopyOffsets,
 ) -> Result<bool, sqlx::Error> {
-    let mut batch = Vec::new();
-    for (stored, event) in events {
-        let (DomainEvent::Instance(event), Ok(id)) = (event, Uuid::parse_str(&stored.aggregate_id))
-        else {
-            return Ok(false);
-        };
-        batch.push((stored, id, event));
+    let Some(batch) = instance_batch(events) else {
+        return Ok(false);
+    };
+    if model == ReadModel::Agents {
+        return Ok(false);
     }
     let mut next: HashMap<&str, i64> = HashMap::new();
     for (stored, _, _) in &batch {
@@ -101,13 +119,10 @@ pub(crate) async fn apply_replay<'a>(
     if batch.is_empty() {
         return Ok(true);
     }
-    match model {
-        ReadModel::Timeline => timeline(conn, &batch).await?,
-        ReadModel::Instances => instances(conn, &batch).await?,
-        ReadModel::AgentStats => agent_stats(conn, &batch).await?,
-        ReadModel::Usage => usage(conn, &batch).await?,
-        ReadModel::Agents => return Ok(false),
-    }
+    let known = read(conn, &[model], &batch).await?;
+    let mut writes = Writes::default();
+    fold(model, &batch, &known, &mut writes)?;
+    writes.execute(conn).await?;
     for (id, seq) in next {
         match offsets.last.get_mut(id) {
             Some(last) => *last = seq,
@@ -163,110 +178,292 @@ pub(crate) async fn load_offsets(
     })
 }
 
-/// The last sequence of each stream after the batch, or `None` when some event of the batch
-/// is not exactly the next one of its stream.
+/// Each read model's last sequence of every stream after the batch (in `models` order), or
+/// `None` when some event of the batch is not exactly the next one of its stream in one of
+/// them.
+///
+/// One statement: the offset rows of the streams are locked read model by read model, each in
+/// `aggregate_id` order (as a read model alone locks them), and the rows of streams that open
+/// in the batch are created (locked by being new). A stream that opens in the batch but
+/// already has a row (a redelivery) is locked and read like the others; one another replica
+/// created since the statement began is in neither part, and the batch goes to the per-event
+/// path.
 async fn continuation(
     conn: &mut PgConnection,
-    model: ReadModel,
+    models: &[ReadModel],
     batch: &[Event<'_>],
-) -> Result<Option<HashMap<String, i64>>, sqlx::Error> {
-    let mut ids: Vec<&str> = batch
-        .iter()
-        .map(|(s, _, _)| s.aggregate_id.as_str())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    // Streams seen before (the common case) are locked with one statement; only streams new
-    // to the read model take an insert and a second lookup.
-    let mut known = lock_offsets(conn, model, &ids).await?;
-    if known.len() < ids.len() {
-        let seen: std::collections::HashSet<&str> =
-            known.iter().map(|(id, _)| id.as_str()).collect();
-        let new: Vec<&str> = ids
-            .iter()
-            .copied()
-            .filter(|id| !seen.contains(id))
-            .collect();
-        sqlx::query(
-            "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
-             SELECT $1, 'instance', id, 0 FROM unnest($2::text[]) AS t(id)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(model.name())
-        .bind(&new)
-        .execute(&mut *conn)
-        .await?;
-        known.extend(lock_offsets(conn, model, &new).await?);
-    }
-    let mut last: HashMap<String, i64> = known.into_iter().collect();
+) -> Result<Option<Vec<HashMap<String, i64>>>, sqlx::Error> {
+    let mut opening: HashMap<&str, bool> = HashMap::new();
     for (stored, _, _) in batch {
-        let seq = last.entry(stored.aggregate_id.clone()).or_insert(0);
-        if stored.sequence != *seq + 1 {
+        opening
+            .entry(stored.aggregate_id.as_str())
+            .or_insert(stored.sequence == 1);
+    }
+    let mut ids: Vec<(&str, bool)> = opening.into_iter().collect();
+    ids.sort_unstable();
+    let (mut projectors, mut keys, mut opens) = (Vec::new(), Vec::new(), Vec::new());
+    for model in models {
+        for (id, open) in &ids {
+            projectors.push(model.name());
+            keys.push(*id);
+            opens.push(*open);
+        }
+    }
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        // One primary-key lookup per stream, through `LATERAL`. (`aggregate_id = ANY(…)` let
+        // the planner keep a plan that filtered every offset row of the projector against the
+        // array, so each batch cost more as the table grew.)
+        "WITH k AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bool[])
+                      WITH ORDINALITY AS k(projector, id, opening, n)
+         ), created AS (
+             INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
+             SELECT projector, 'instance', id, 0 FROM k WHERE opening ORDER BY n
+             ON CONFLICT DO NOTHING
+             RETURNING projector, aggregate_id, last_sequence
+         )
+         SELECT o.projector, o.aggregate_id, o.last_sequence
+           FROM k CROSS JOIN LATERAL (
+                SELECT projector, aggregate_id, last_sequence FROM projector_offsets
+                 WHERE projector = k.projector AND aggregate_type = 'instance'
+                   AND aggregate_id = k.id
+                   FOR UPDATE
+           ) o
+         UNION ALL
+         SELECT projector, aggregate_id, last_sequence FROM created",
+    )
+    .bind(&projectors)
+    .bind(&keys)
+    .bind(&opens)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut last: Vec<HashMap<String, i64>> = models.iter().map(|_| HashMap::new()).collect();
+    for (projector, id, seq) in rows {
+        if let Some(i) = models.iter().position(|m| m.name() == projector) {
+            last[i].insert(id, seq);
+        }
+    }
+    for offsets in &mut last {
+        if offsets.len() < ids.len() {
             return Ok(None);
         }
-        *seq = stored.sequence;
+        for (stored, _, _) in batch {
+            let Some(seq) = offsets.get_mut(stored.aggregate_id.as_str()) else {
+                return Ok(None);
+            };
+            if stored.sequence != *seq + 1 {
+                return Ok(None);
+            }
+            *seq = stored.sequence;
+        }
     }
     Ok(Some(last))
 }
 
-/// The offset rows of `ids` (sorted), locked in that order; streams without a row are absent.
-async fn lock_offsets(
-    conn: &mut PgConnection,
-    model: ReadModel,
-    ids: &[&str],
-) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        // One primary-key lookup per stream, locked in `ids` order. (`aggregate_id = ANY($2)`
-        // let the planner keep a plan that filtered every offset row of the projector against
-        // the array, so each batch cost more as the table grew.)
-        "SELECT o.aggregate_id, o.last_sequence
-           FROM unnest($2::text[]) WITH ORDINALITY AS k(id, n)
-           CROSS JOIN LATERAL (
-                SELECT aggregate_id, last_sequence FROM projector_offsets
-                 WHERE projector = $1 AND aggregate_type = 'instance' AND aggregate_id = k.id
-                   FOR UPDATE
-           ) o
-          ORDER BY k.n",
-    )
-    .bind(model.name())
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await
+/// Offsets and status of every read model, once per batch (what `apply_one` does per event),
+/// as clauses of the batch's statement.
+fn bookkeeping(
+    writes: &mut Writes,
+    models: &[ReadModel],
+    batch: &[Event<'_>],
+    last: Vec<HashMap<String, i64>>,
+) -> Result<(), sqlx::Error> {
+    let (mut projectors, mut ids, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (model, offsets) in models.iter().zip(last) {
+        for (id, seq) in offsets {
+            projectors.push(model.name());
+            ids.push(id);
+            seqs.push(seq);
+        }
+    }
+    let (p, i, s) = (
+        writes.bind(projectors)?,
+        writes.bind(ids)?,
+        writes.bind(seqs)?,
+    );
+    writes.clause(format!(
+        "INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
+         SELECT projector, 'instance', id, seq
+           FROM unnest({p}::text[], {i}::text[], {s}::bigint[]) AS t(projector, id, seq)
+         ON CONFLICT (projector, aggregate_type, aggregate_id)
+         DO UPDATE SET last_sequence = EXCLUDED.last_sequence"
+    ));
+    let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
+    let (names, position, recorded, count) = (
+        writes.bind(names)?,
+        writes.bind(batch.iter().map(|(s, _, _)| s.position).max())?,
+        writes.bind(batch.iter().map(|(s, _, _)| s.recorded_at).max())?,
+        writes.bind(batch.len() as i64)?,
+    );
+    writes.clause(format!(
+        "UPDATE projector_status
+            SET last_position = GREATEST(last_position, {position}),
+                last_recorded_at = GREATEST(last_recorded_at, {recorded}),
+                last_applied_at = now(),
+                processed_total = processed_total + {count}
+          WHERE projector = ANY({names}::text[])"
+    ));
+    Ok(())
 }
 
-/// Offsets and status, once per batch (what `apply_one` does per event), in one statement.
-async fn bookkeeping(
+/// The data-modifying clauses of one statement and their values: a batch's writes to every
+/// table go to PostgreSQL in one round trip. Each table is written by one clause (a statement
+/// may not change a row twice).
+#[derive(Default)]
+struct Writes {
+    clauses: Vec<String>,
+    values: PgArguments,
+}
+
+impl Writes {
+    /// Adds a value and returns its placeholder (`$n`).
+    fn bind<T>(&mut self, value: T) -> Result<String, sqlx::Error>
+    where
+        T: for<'q> sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + 'static,
+    {
+        self.values.add(value).map_err(sqlx::Error::Encode)?;
+        Ok(format!("${}", self.values.len()))
+    }
+
+    fn clause(&mut self, sql: String) {
+        self.clauses.push(sql);
+    }
+
+    /// Runs every clause in one statement (nothing to do without one).
+    async fn execute(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.clauses.is_empty() {
+            return Ok(());
+        }
+        let ctes: Vec<String> = self
+            .clauses
+            .iter()
+            .enumerate()
+            .map(|(i, sql)| format!("w{i} AS ({sql})"))
+            .collect();
+        let sql = format!("WITH {} SELECT 1", ctes.join(",\n"));
+        sqlx::query_with(&sql, self.values).execute(conn).await?;
+        Ok(())
+    }
+}
+
+/// What the folds read back of the batch's earlier runs, each read model's part (empty for
+/// the read models not asked for).
+#[derive(Default)]
+struct Known {
+    /// `rm_timeline`: the owner of each run (from its first entry).
+    owners: HashMap<Uuid, String>,
+    /// `rm_instances`: the run summaries.
+    instances: HashMap<Uuid, InstanceRow>,
+    /// `rm_agent_stats_runs`: agent, status and creation of each run.
+    runs: HashMap<Uuid, (String, String, DateTime<Utc>)>,
+    /// `rm_usage_owners`: the user of each run.
+    users: HashMap<Uuid, String>,
+}
+
+/// Each read model's rows of the batch's earlier runs, in one statement: one row per run, a
+/// `LEFT JOIN LATERAL` (a primary-key lookup) per read model.
+async fn read(
     conn: &mut PgConnection,
+    models: &[ReadModel],
+    batch: &[Event<'_>],
+) -> Result<Known, sqlx::Error> {
+    let mut known = Known::default();
+    let runs = earlier_runs(batch);
+    if runs.is_empty() {
+        return Ok(known);
+    }
+    let (mut columns, mut joins) = (String::new(), String::new());
+    for model in models {
+        let (c, j) = match model {
+            ReadModel::Timeline => (
+                "tl.owner_id AS tl_owner_id",
+                "rm_timeline WHERE instance_id = k.id AND sequence = 1) tl",
+            ),
+            ReadModel::Instances => (
+                "i.owner_id AS i_owner_id, i.agent_id AS i_agent_id,
+                 i.agent_version AS i_agent_version, i.thread_id AS i_thread_id,
+                 i.status AS i_status, i.input AS i_input, i.created_at AS i_created_at,
+                 i.started_at AS i_started_at, i.ended_at AS i_ended_at,
+                 i.updated_at AS i_updated_at, i.last_sequence AS i_last_sequence,
+                 i.thought_count AS i_thought_count, i.tool_call_count AS i_tool_call_count,
+                 i.open_tool_calls AS i_open_tool_calls, i.last_message AS i_last_message,
+                 i.last_internal AS i_last_internal",
+                "rm_instances WHERE instance_id = k.id) i",
+            ),
+            ReadModel::AgentStats => (
+                "a.agent_id AS a_agent_id, a.status AS a_status, a.created_at AS a_created_at",
+                "rm_agent_stats_runs WHERE instance_id = k.id) a",
+            ),
+            ReadModel::Usage => (
+                "u.user_id AS u_user_id",
+                "rm_usage_owners WHERE instance_id = k.id) u",
+            ),
+            ReadModel::Agents => continue,
+        };
+        columns.push_str(", ");
+        columns.push_str(c);
+        joins.push_str(" LEFT JOIN LATERAL (SELECT * FROM ");
+        joins.push_str(j);
+        joins.push_str(" ON true");
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT k.id{columns} FROM unnest($1::uuid[]) AS k(id){joins}"
+    ))
+    .bind(&runs)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in rows {
+        let id: Uuid = row.try_get("id")?;
+        for model in models {
+            match model {
+                ReadModel::Timeline => {
+                    if let Some(owner) = row.try_get("tl_owner_id")? {
+                        known.owners.insert(id, owner);
+                    }
+                }
+                ReadModel::Instances => {
+                    if let Some(instance) = InstanceRow::read(id, &row)? {
+                        known.instances.insert(id, instance);
+                    }
+                }
+                ReadModel::AgentStats => {
+                    if let Some(agent) = row.try_get::<Option<String>, _>("a_agent_id")? {
+                        let run = (
+                            agent,
+                            row.try_get("a_status")?,
+                            row.try_get("a_created_at")?,
+                        );
+                        known.runs.insert(id, run);
+                    }
+                }
+                ReadModel::Usage => {
+                    if let Some(user) = row.try_get("u_user_id")? {
+                        known.users.insert(id, user);
+                    }
+                }
+                ReadModel::Agents => {}
+            }
+        }
+    }
+    Ok(known)
+}
+
+/// Folds the batch into `model`'s writes.
+fn fold(
     model: ReadModel,
     batch: &[Event<'_>],
-    last: HashMap<String, i64>,
+    known: &Known,
+    writes: &mut Writes,
 ) -> Result<(), sqlx::Error> {
-    let (ids, seqs): (Vec<String>, Vec<i64>) = last.into_iter().unzip();
-    let position = batch.iter().map(|(s, _, _)| s.position).max();
-    let recorded = batch.iter().map(|(s, _, _)| s.recorded_at).max();
-    sqlx::query(
-        "WITH offsets AS (
-             INSERT INTO projector_offsets (projector, aggregate_type, aggregate_id, last_sequence)
-             SELECT $1, 'instance', id, seq FROM unnest($2::text[], $3::bigint[]) AS t(id, seq)
-             ON CONFLICT (projector, aggregate_type, aggregate_id)
-             DO UPDATE SET last_sequence = EXCLUDED.last_sequence
-         )
-         UPDATE projector_status
-            SET last_position = GREATEST(last_position, $4),
-                last_recorded_at = GREATEST(last_recorded_at, $5),
-                last_applied_at = now(),
-                processed_total = processed_total + $6
-          WHERE projector = $1",
-    )
-    .bind(model.name())
-    .bind(&ids)
-    .bind(&seqs)
-    .bind(position)
-    .bind(recorded)
-    .bind(batch.len() as i64)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    match model {
+        ReadModel::Timeline => timeline(batch, known, writes),
+        ReadModel::Instances => instances(batch, known, writes),
+        ReadModel::AgentStats => agent_stats(batch, known, writes),
+        ReadModel::Usage => usage(batch, known, writes),
+        ReadModel::Agents => Err(sqlx::Error::Protocol(
+            "the agents read model has no set-based form".to_owned(),
+        )),
+    }
 }
 
 /// Runs of the batch not created in it: the rows the fold reads back (one primary-key lookup
@@ -291,22 +488,8 @@ fn duplicate(table: &str, id: Uuid) -> sqlx::Error {
     sqlx::Error::Protocol(format!("rebuild: {table} already has run {id}"))
 }
 
-async fn timeline(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
-    let mut owners = HashMap::new();
-    let missing = earlier_runs(batch);
-    if !missing.is_empty() {
-        let known: Vec<(Uuid, String)> = sqlx::query_as(
-            "SELECT r.instance_id, r.owner_id FROM unnest($1::uuid[]) AS k(id)
-               CROSS JOIN LATERAL (
-                    SELECT instance_id, owner_id FROM rm_timeline
-                     WHERE instance_id = k.id AND sequence = 1
-               ) r",
-        )
-        .bind(missing)
-        .fetch_all(&mut *conn)
-        .await?;
-        owners.extend(known);
-    }
+fn timeline(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
+    let mut opened: HashMap<Uuid, &str> = HashMap::new();
     let n = batch.len();
     let (mut ids, mut seqs, mut owner_ids, mut kinds) = (
         Vec::with_capacity(n),
@@ -321,37 +504,42 @@ async fn timeline(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sq
     );
     for (stored, id, event) in batch {
         if let InstanceEvent::InstanceCreated { owner_id, .. } = event {
-            owners.insert(*id, owner_id.clone());
+            opened.insert(*id, owner_id);
         }
-        let owner = owners.get(id).ok_or(sqlx::Error::RowNotFound)?;
+        let owner = opened
+            .get(id)
+            .copied()
+            .or_else(|| known.owners.get(id).map(String::as_str))
+            .ok_or(sqlx::Error::RowNotFound)?;
         let entry = timeline_entry(event);
         ids.push(*id);
         seqs.push(stored.sequence);
-        owner_ids.push(owner.clone());
+        owner_ids.push(owner.to_owned());
         kinds.push(entry.kind);
         ats.push(stored.recorded_at);
         displays.push(entry.display);
         traces.push(stored.traceparent.clone());
     }
-    sqlx::query(
+    let columns = [
+        writes.bind(ids)?,
+        writes.bind(seqs)?,
+        writes.bind(owner_ids)?,
+        writes.bind(kinds)?,
+        writes.bind(ats)?,
+        writes.bind(displays)?,
+        writes.bind(traces)?,
+    ];
+    let [i, s, o, k, a, d, t] = &columns;
+    writes.clause(format!(
         "INSERT INTO rm_timeline (instance_id, sequence, owner_id, kind, at, display, traceparent)
-         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[],
-                              $5::timestamptz[], $6::jsonb[], $7::text[])",
-    )
-    .bind(&ids)
-    .bind(&seqs)
-    .bind(&owner_ids)
-    .bind(&kinds)
-    .bind(&ats)
-    .bind(&displays)
-    .bind(&traces)
-    .execute(conn)
-    .await?;
+         SELECT * FROM unnest({i}::uuid[], {s}::bigint[], {o}::text[], {k}::text[],
+                              {a}::timestamptz[], {d}::jsonb[], {t}::text[])"
+    ));
     Ok(())
 }
 
 /// One `rm_instances` row.
-#[derive(sqlx::FromRow)]
+#[derive(Clone)]
 struct InstanceRow {
     instance_id: Uuid,
     owner_id: String,
@@ -370,6 +558,34 @@ struct InstanceRow {
     open_tool_calls: i32,
     last_message: Option<String>,
     last_internal: Option<Value>,
+}
+
+impl InstanceRow {
+    /// The run's row among the `i_` columns of [`read`]'s row, if it has one.
+    fn read(instance_id: Uuid, row: &PgRow) -> Result<Option<Self>, sqlx::Error> {
+        let Some(owner_id) = row.try_get("i_owner_id")? else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            instance_id,
+            owner_id,
+            agent_id: row.try_get("i_agent_id")?,
+            agent_version: row.try_get("i_agent_version")?,
+            thread_id: row.try_get("i_thread_id")?,
+            status: row.try_get("i_status")?,
+            input: row.try_get("i_input")?,
+            created_at: row.try_get("i_created_at")?,
+            started_at: row.try_get("i_started_at")?,
+            ended_at: row.try_get("i_ended_at")?,
+            updated_at: row.try_get("i_updated_at")?,
+            last_sequence: row.try_get("i_last_sequence")?,
+            thought_count: row.try_get("i_thought_count")?,
+            tool_call_count: row.try_get("i_tool_call_count")?,
+            open_tool_calls: row.try_get("i_open_tool_calls")?,
+            last_message: row.try_get("i_last_message")?,
+            last_internal: row.try_get("i_last_internal")?,
+        }))
+    }
 }
 
 /// What a later event does to a run summary (the rules of `read_models::instances`):
@@ -486,19 +702,9 @@ fn change(event: &InstanceEvent) -> Option<Change> {
     })
 }
 
-async fn instances(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
-    let known: Vec<InstanceRow> = sqlx::query_as(
-        "SELECT instance_id, owner_id, agent_id, agent_version, thread_id, status, input,
-                created_at, started_at, ended_at, updated_at, last_sequence, thought_count,
-                tool_call_count, open_tool_calls, last_message, last_internal
-           FROM unnest($1::uuid[]) AS k(id)
-           CROSS JOIN LATERAL (SELECT * FROM rm_instances WHERE instance_id = k.id) r",
-    )
-    .bind(earlier_runs(batch))
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut rows: HashMap<Uuid, InstanceRow> =
-        known.into_iter().map(|r| (r.instance_id, r)).collect();
+fn instances(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
+    // The rows the batch changes: read ones copied in when first changed.
+    let mut rows: HashMap<Uuid, InstanceRow> = HashMap::new();
     let mut order = Vec::new();
     for (stored, id, event) in batch {
         let at = stored.recorded_at;
@@ -511,7 +717,7 @@ async fn instances(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), s
             ..
         } = event
         {
-            if rows.contains_key(id) {
+            if rows.contains_key(id) || known.instances.contains_key(id) {
                 return Err(duplicate("rm_instances", *id));
             }
             order.push(*id);
@@ -540,8 +746,15 @@ async fn instances(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), s
             continue;
         }
         // An update of a run that has no row changes nothing (as the UPDATE would).
-        let (Some(row), Some(change)) = (rows.get_mut(id), change(event)) else {
+        let Some(change) = change(event) else {
             continue;
+        };
+        let row = match rows.entry(*id) {
+            std::collections::hash_map::Entry::Occupied(row) => row.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => match known.instances.get(id) {
+                Some(row) => slot.insert(row.clone()),
+                None => continue,
+            },
         };
         let (status, started, ended, thoughts, tools, open, message, internal) = change;
         if let Some(status) = status {
@@ -569,18 +782,58 @@ async fn instances(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), s
     let touched: Vec<&InstanceRow> = order.iter().filter_map(|id| rows.get(id)).collect();
     macro_rules! column {
         ($field:ident) => {
-            touched.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+            writes.bind(touched.iter().map(|r| r.$field.clone()).collect::<Vec<_>>())?
         };
     }
-    sqlx::query(
+    let values = [
+        column!(instance_id),
+        column!(owner_id),
+        column!(agent_id),
+        column!(agent_version),
+        column!(thread_id),
+        column!(status),
+        column!(input),
+        column!(created_at),
+        column!(started_at),
+        column!(ended_at),
+        column!(updated_at),
+        column!(last_sequence),
+        column!(thought_count),
+        column!(tool_call_count),
+        column!(open_tool_calls),
+        column!(last_message),
+        column!(last_internal),
+    ];
+    let types = [
+        "uuid",
+        "text",
+        "text",
+        "int",
+        "text",
+        "text",
+        "text",
+        "timestamptz",
+        "timestamptz",
+        "timestamptz",
+        "timestamptz",
+        "bigint",
+        "int",
+        "int",
+        "int",
+        "text",
+        "jsonb",
+    ];
+    let arrays: Vec<String> = values
+        .iter()
+        .zip(types)
+        .map(|(value, kind)| format!("{value}::{kind}[]"))
+        .collect();
+    writes.clause(format!(
         "INSERT INTO rm_instances (instance_id, owner_id, agent_id, agent_version, thread_id,
                                    status, input, created_at, started_at, ended_at, updated_at,
                                    last_sequence, thought_count, tool_call_count,
                                    open_tool_calls, last_message, last_internal)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[],
-                              $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[],
-                              $10::timestamptz[], $11::timestamptz[], $12::bigint[], $13::int[],
-                              $14::int[], $15::int[], $16::text[], $17::jsonb[])
+         SELECT * FROM unnest({})
          ON CONFLICT (instance_id) DO UPDATE SET
              status = EXCLUDED.status, started_at = EXCLUDED.started_at,
              ended_at = EXCLUDED.ended_at, updated_at = EXCLUDED.updated_at,
@@ -588,26 +841,8 @@ async fn instances(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), s
              tool_call_count = EXCLUDED.tool_call_count,
              open_tool_calls = EXCLUDED.open_tool_calls, last_message = EXCLUDED.last_message,
              last_internal = EXCLUDED.last_internal",
-    )
-    .bind(column!(instance_id))
-    .bind(column!(owner_id))
-    .bind(column!(agent_id))
-    .bind(column!(agent_version))
-    .bind(column!(thread_id))
-    .bind(column!(status))
-    .bind(column!(input))
-    .bind(column!(created_at))
-    .bind(column!(started_at))
-    .bind(column!(ended_at))
-    .bind(column!(updated_at))
-    .bind(column!(last_sequence))
-    .bind(column!(thought_count))
-    .bind(column!(tool_call_count))
-    .bind(column!(open_tool_calls))
-    .bind(column!(last_message))
-    .bind(column!(last_internal))
-    .execute(conn)
-    .await?;
+        arrays.join(", ")
+    ));
     Ok(())
 }
 
@@ -630,26 +865,15 @@ fn status_index(status: &str) -> Result<usize, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Protocol(format!("unknown run status {status}")))
 }
 
-async fn agent_stats(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
-    let known: Vec<(Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT r.instance_id, r.agent_id, r.status, r.created_at FROM unnest($1::uuid[]) AS k(id)
-           CROSS JOIN LATERAL (
-                SELECT * FROM rm_agent_stats_runs WHERE instance_id = k.id
-           ) r",
-    )
-    .bind(earlier_runs(batch))
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut runs: HashMap<Uuid, (String, String, DateTime<Utc>)> = known
-        .into_iter()
-        .map(|(id, agent, status, at)| (id, (agent, status, at)))
-        .collect();
+fn agent_stats(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
+    // The runs the batch changes: read ones copied in when first changed.
+    let mut runs: HashMap<Uuid, (String, String, DateTime<Utc>)> = HashMap::new();
     let mut touched = Vec::new();
     let mut agents: HashMap<String, AgentDelta> = HashMap::new();
     for (stored, id, event) in batch {
         let at = stored.recorded_at;
         if let InstanceEvent::InstanceCreated { agent_id, .. } = event {
-            if runs.contains_key(id) {
+            if runs.contains_key(id) || known.runs.contains_key(id) {
                 return Err(duplicate("rm_agent_stats_runs", *id));
             }
             runs.insert(*id, (agent_id.clone(), "pending".to_owned(), at));
@@ -659,7 +883,12 @@ async fn agent_stats(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(),
             delta.by_status[0] += 1;
             continue;
         }
-        let (agent_id, previous, created_at) = runs.get_mut(id).ok_or(sqlx::Error::RowNotFound)?;
+        let (agent_id, previous, created_at) = match runs.entry(*id) {
+            std::collections::hash_map::Entry::Occupied(run) => run.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(known.runs.get(id).ok_or(sqlx::Error::RowNotFound)?.clone())
+            }
+        };
         let next = match event {
             InstanceEvent::InstanceStarted { .. } => "running",
             InstanceEvent::InstanceCompleted { .. } => "completed",
@@ -695,28 +924,42 @@ async fn agent_stats(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(),
             created.push(*at);
         }
     }
-    sqlx::query(
+    let (i, a, s, c) = (
+        writes.bind(ids)?,
+        writes.bind(run_agents)?,
+        writes.bind(statuses)?,
+        writes.bind(created)?,
+    );
+    writes.clause(format!(
         "INSERT INTO rm_agent_stats_runs (instance_id, agent_id, status, created_at)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
-         ON CONFLICT (instance_id) DO UPDATE SET status = EXCLUDED.status",
-    )
-    .bind(&ids)
-    .bind(&run_agents)
-    .bind(&statuses)
-    .bind(&created)
-    .execute(&mut *conn)
-    .await?;
+         SELECT * FROM unnest({i}::uuid[], {a}::text[], {s}::text[], {c}::timestamptz[])
+         ON CONFLICT (instance_id) DO UPDATE SET status = EXCLUDED.status"
+    ));
     let mut names: Vec<String> = agents.keys().cloned().collect();
     names.sort_unstable();
     let column = |f: &dyn Fn(&AgentDelta) -> i64| -> Vec<i64> {
         names.iter().map(|n| agents.get(n).map_or(0, f)).collect()
     };
-    sqlx::query(
+    let counts = [
+        column(&|d| d.runs_total),
+        column(&|d| d.by_status[0]),
+        column(&|d| d.by_status[1]),
+        column(&|d| d.by_status[2]),
+        column(&|d| d.by_status[3]),
+        column(&|d| d.by_status[4]),
+        column(&|d| d.tool_calls),
+        column(&|d| d.finished_runs),
+        column(&|d| d.total_duration_ms),
+    ];
+    let names = writes.bind(names)?;
+    let counts: Vec<String> = counts
+        .into_iter()
+        .map(|c| Ok(format!("{}::bigint[]", writes.bind(c)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    writes.clause(format!(
         "INSERT INTO rm_agent_stats (agent_id, runs_total, pending, running, completed, failed,
                                      cancelled, tool_calls, finished_runs, total_duration_ms)
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],
-                              $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
-                              $9::bigint[], $10::bigint[])
+         SELECT * FROM unnest({names}::text[], {})
          ON CONFLICT (agent_id) DO UPDATE SET
              runs_total = rm_agent_stats.runs_total + EXCLUDED.runs_total,
              pending = rm_agent_stats.pending + EXCLUDED.pending,
@@ -727,19 +970,8 @@ async fn agent_stats(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(),
              tool_calls = rm_agent_stats.tool_calls + EXCLUDED.tool_calls,
              finished_runs = rm_agent_stats.finished_runs + EXCLUDED.finished_runs,
              total_duration_ms = rm_agent_stats.total_duration_ms + EXCLUDED.total_duration_ms",
-    )
-    .bind(&names)
-    .bind(column(&|d| d.runs_total))
-    .bind(column(&|d| d.by_status[0]))
-    .bind(column(&|d| d.by_status[1]))
-    .bind(column(&|d| d.by_status[2]))
-    .bind(column(&|d| d.by_status[3]))
-    .bind(column(&|d| d.by_status[4]))
-    .bind(column(&|d| d.tool_calls))
-    .bind(column(&|d| d.finished_runs))
-    .bind(column(&|d| d.total_duration_ms))
-    .execute(conn)
-    .await?;
+        counts.join(", ")
+    ));
     Ok(())
 }
 
@@ -750,15 +982,8 @@ struct UserDelta {
     last_seen: DateTime<Utc>,
 }
 
-async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx::Error> {
-    let known: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT r.instance_id, r.user_id FROM unnest($1::uuid[]) AS k(id)
-           CROSS JOIN LATERAL (SELECT * FROM rm_usage_owners WHERE instance_id = k.id) r",
-    )
-    .bind(earlier_runs(batch))
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut owners: HashMap<Uuid, String> = known.into_iter().collect();
+fn usage(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
+    let mut opened: HashMap<Uuid, &str> = HashMap::new();
     let (mut new_runs, mut new_owners) = (Vec::new(), Vec::new());
     let mut users: HashMap<String, UserDelta> = HashMap::new();
     for (stored, id, event) in batch {
@@ -766,10 +991,10 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
         // instances, completed, failed, cancelled, thoughts, tool calls
         let counts: [i64; 6] = match event {
             InstanceEvent::InstanceCreated { owner_id, .. } => {
-                if owners.contains_key(id) {
+                if opened.contains_key(id) || known.users.contains_key(id) {
                     return Err(duplicate("rm_usage_owners", *id));
                 }
-                owners.insert(*id, owner_id.clone());
+                opened.insert(*id, owner_id);
                 new_runs.push(*id);
                 new_owners.push(owner_id.clone());
                 [1, 0, 0, 0, 0, 0]
@@ -782,10 +1007,16 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
             _ => [0; 6],
         };
         // An event of a run without an owner row changes nothing (as the UPDATE would).
-        let Some(user) = owners.get(id) else { continue };
+        let Some(user) = opened
+            .get(id)
+            .copied()
+            .or_else(|| known.users.get(id).map(String::as_str))
+        else {
+            continue;
+        };
         // A run's creation is its earliest event, so the minimum over all events is the
         // minimum over creations; batches arrive in commit order, not in `recorded_at` order.
-        let delta = users.entry(user.clone()).or_insert(UserDelta {
+        let delta = users.entry(user.to_owned()).or_insert(UserDelta {
             counts: [0; 6],
             first_seen: at,
             last_seen: at,
@@ -796,14 +1027,11 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
         delta.first_seen = delta.first_seen.min(at);
         delta.last_seen = delta.last_seen.max(at);
     }
-    sqlx::query(
+    let (runs, owners) = (writes.bind(new_runs)?, writes.bind(new_owners)?);
+    writes.clause(format!(
         "INSERT INTO rm_usage_owners (instance_id, user_id)
-         SELECT * FROM unnest($1::uuid[], $2::text[])",
-    )
-    .bind(&new_runs)
-    .bind(&new_owners)
-    .execute(&mut *conn)
-    .await?;
+         SELECT * FROM unnest({runs}::uuid[], {owners}::text[])"
+    ));
     let mut names: Vec<String> = users.keys().cloned().collect();
     names.sort_unstable();
     let count = |i: usize| -> Vec<i64> {
@@ -822,12 +1050,16 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
             })
             .collect()
     };
-    sqlx::query(
+    let counts: Vec<String> = (0..6)
+        .map(|i| Ok(format!("{}::bigint[]", writes.bind(count(i))?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    let (first, last) = (writes.bind(seen(true))?, writes.bind(seen(false))?);
+    let names = writes.bind(names)?;
+    writes.clause(format!(
         "INSERT INTO rm_usage (user_id, instances, completed, failed, cancelled, thoughts,
                                tool_calls, first_seen_at, last_seen_at)
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],
-                              $5::bigint[], $6::bigint[], $7::bigint[], $8::timestamptz[],
-                              $9::timestamptz[])
+         SELECT * FROM unnest({names}::text[], {}, {first}::timestamptz[],
+                              {last}::timestamptz[])
          ON CONFLICT (user_id) DO UPDATE SET
              instances = rm_usage.instances + EXCLUDED.instances,
              completed = rm_usage.completed + EXCLUDED.completed,
@@ -837,18 +1069,8 @@ async fn usage(conn: &mut PgConnection, batch: &[Event<'_>]) -> Result<(), sqlx:
              tool_calls = rm_usage.tool_calls + EXCLUDED.tool_calls,
              first_seen_at = LEAST(rm_usage.first_seen_at, EXCLUDED.first_seen_at),
              last_seen_at = GREATEST(rm_usage.last_seen_at, EXCLUDED.last_seen_at)",
-    )
-    .bind(&names)
-    .bind(count(0))
-    .bind(count(1))
-    .bind(count(2))
-    .bind(count(3))
-    .bind(count(4))
-    .bind(count(5))
-    .bind(seen(true))
-    .bind(seen(false))
-    .execute(conn)
-    .await?;
+        counts.join(", ")
+    ));
     Ok(())
 }
 
