@@ -630,10 +630,13 @@ async fn apply_set_based(
     if models.contains(&ReadModel::Agents) || decoded.is_empty() {
         return Ok(false);
     }
-    let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
     let batch_span = tracing::debug_span!(
         "project.batch",
-        projector = names.join(","),
+        projector = models
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(","),
         size = decoded.len()
     );
     let events = decoded.iter().map(|(_, d)| (&d.stored, &d.event));
