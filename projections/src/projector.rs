@@ -3,18 +3,18 @@
 //!
 //! * Groups: the read models fed by the same aggregate type share one queue and one consumer
 //!   (Axon's processing group): a delivery is received, decoded and acknowledged once, and each
-//!   batch is applied to the group's read models concurrently, each in its own transaction with
-//!   its own offsets, status and dead letters; the batch is acknowledged once every read model
-//!   has it. (The chat timeline is not among them: it is written with the events themselves,
-//!   and the relay announces its entries, see `apex_commands::inline` and [`crate::relay`].)
-//!   A large batch (a backlog) is first tried in one transaction over all of the
-//!   group's read models, each still with its own offsets and status.
+//!   batch is applied to all of the group's read models in one transaction (three statements,
+//!   each read model still with its own offsets and status); when that transaction does not
+//!   write it, to each read model concurrently, in its own transaction with its own offsets,
+//!   status and dead letters. The batch is acknowledged once every read model has it. (The
+//!   chat timeline is not among them: it is written with the events themselves, and the relay
+//!   announces its entries, see `apex_commands::inline` and [`crate::relay`].)
 //! * Idempotent: `projector_offsets` holds, per read model and aggregate, the last sequence
 //!   applied, updated in the same transaction as the read model. An event at or below it is
 //!   skipped.
 //! * Gap repair: an event above it + 1 first pulls the missing events from the event store.
-//! * Batching: deliveries already waiting are applied in one transaction per read model, acks
-//!   are sent with `multiple`. If a read model's batch fails, each event is retried on its own.
+//! * Batching: deliveries already waiting are applied together, acks are sent with
+//!   `multiple`. If a read model's batch fails, each event is retried on its own.
 //! * Failures: transient database errors are retried with backoff, indefinitely (nothing can be
 //!   projected while the database is away). Any other failure is retried a few times, then the
 //!   message is dead-lettered for that read model (table `dead_letters` and queue
