@@ -55,10 +55,10 @@ pub(crate) async fn apply<'a>(
     let Some(last) = continuation(conn, models, &batch).await? else {
         return Ok(false);
     };
-    let known = read(conn, models, &batch).await?;
+    let mut known = read(conn, models, &batch).await?;
     let mut writes = Writes::default();
     for model in models {
-        fold(*model, &batch, &known, &mut writes)?;
+        fold(*model, &batch, &mut known, &mut writes)?;
     }
     bookkeeping(&mut writes, models, &batch, last)?;
     writes.execute(conn).await?;
@@ -119,9 +119,9 @@ pub(crate) async fn apply_replay<'a>(
     if batch.is_empty() {
         return Ok(true);
     }
-    let known = read(conn, &[model], &batch).await?;
+    let mut known = read(conn, &[model], &batch).await?;
     let mut writes = Writes::default();
-    fold(model, &batch, &known, &mut writes)?;
+    fold(model, &batch, &mut known, &mut writes)?;
     writes.execute(conn).await?;
     for (id, seq) in next {
         match offsets.last.get_mut(id) {
@@ -244,9 +244,6 @@ async fn continuation(
         }
     }
     for offsets in &mut last {
-        if offsets.len() < ids.len() {
-            return Ok(None);
-        }
         for (stored, _, _) in batch {
             let Some(seq) = offsets.get_mut(stored.aggregate_id.as_str()) else {
                 return Ok(None);
@@ -347,7 +344,8 @@ impl Writes {
 }
 
 /// What the folds read back of the batch's earlier runs, each read model's part (empty for
-/// the read models not asked for).
+/// the read models not asked for). Each fold works on its own part in place, adding the runs
+/// the batch creates.
 #[derive(Default)]
 struct Known {
     /// `rm_timeline`: the owner of each run (from its first entry).
@@ -452,14 +450,14 @@ async fn read(
 fn fold(
     model: ReadModel,
     batch: &[Event<'_>],
-    known: &Known,
+    known: &mut Known,
     writes: &mut Writes,
 ) -> Result<(), sqlx::Error> {
     match model {
-        ReadModel::Timeline => timeline(batch, known, writes),
-        ReadModel::Instances => instances(batch, known, writes),
-        ReadModel::AgentStats => agent_stats(batch, known, writes),
-        ReadModel::Usage => usage(batch, known, writes),
+        ReadModel::Timeline => timeline(batch, &mut known.owners, writes),
+        ReadModel::Instances => instances(batch, &mut known.instances, writes),
+        ReadModel::AgentStats => agent_stats(batch, &mut known.runs, writes),
+        ReadModel::Usage => usage(batch, &mut known.users, writes),
         ReadModel::Agents => Err(sqlx::Error::Protocol(
             "the agents read model has no set-based form".to_owned(),
         )),
@@ -488,8 +486,11 @@ fn duplicate(table: &str, id: Uuid) -> sqlx::Error {
     sqlx::Error::Protocol(format!("rebuild: {table} already has run {id}"))
 }
 
-fn timeline(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
-    let mut opened: HashMap<Uuid, &str> = HashMap::new();
+fn timeline(
+    batch: &[Event<'_>],
+    owners: &mut HashMap<Uuid, String>,
+    writes: &mut Writes,
+) -> Result<(), sqlx::Error> {
     let n = batch.len();
     let (mut ids, mut seqs, mut owner_ids, mut kinds) = (
         Vec::with_capacity(n),
@@ -504,17 +505,13 @@ fn timeline(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(
     );
     for (stored, id, event) in batch {
         if let InstanceEvent::InstanceCreated { owner_id, .. } = event {
-            opened.insert(*id, owner_id);
+            owners.insert(*id, owner_id.clone());
         }
-        let owner = opened
-            .get(id)
-            .copied()
-            .or_else(|| known.owners.get(id).map(String::as_str))
-            .ok_or(sqlx::Error::RowNotFound)?;
+        let owner = owners.get(id).ok_or(sqlx::Error::RowNotFound)?;
         let entry = timeline_entry(event);
         ids.push(*id);
         seqs.push(stored.sequence);
-        owner_ids.push(owner.to_owned());
+        owner_ids.push(owner.clone());
         kinds.push(entry.kind);
         ats.push(stored.recorded_at);
         displays.push(entry.display);
@@ -539,7 +536,6 @@ fn timeline(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(
 }
 
 /// One `rm_instances` row.
-#[derive(Clone)]
 struct InstanceRow {
     instance_id: Uuid,
     owner_id: String,
@@ -702,9 +698,11 @@ fn change(event: &InstanceEvent) -> Option<Change> {
     })
 }
 
-fn instances(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
-    // The rows the batch changes: read ones copied in when first changed.
-    let mut rows: HashMap<Uuid, InstanceRow> = HashMap::new();
+fn instances(
+    batch: &[Event<'_>],
+    rows: &mut HashMap<Uuid, InstanceRow>,
+    writes: &mut Writes,
+) -> Result<(), sqlx::Error> {
     let mut order = Vec::new();
     for (stored, id, event) in batch {
         let at = stored.recorded_at;
@@ -717,7 +715,7 @@ fn instances(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<
             ..
         } = event
         {
-            if rows.contains_key(id) || known.instances.contains_key(id) {
+            if rows.contains_key(id) {
                 return Err(duplicate("rm_instances", *id));
             }
             order.push(*id);
@@ -746,15 +744,8 @@ fn instances(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<
             continue;
         }
         // An update of a run that has no row changes nothing (as the UPDATE would).
-        let Some(change) = change(event) else {
+        let (Some(row), Some(change)) = (rows.get_mut(id), change(event)) else {
             continue;
-        };
-        let row = match rows.entry(*id) {
-            std::collections::hash_map::Entry::Occupied(row) => row.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => match known.instances.get(id) {
-                Some(row) => slot.insert(row.clone()),
-                None => continue,
-            },
         };
         let (status, started, ended, thoughts, tools, open, message, internal) = change;
         if let Some(status) = status {
@@ -865,15 +856,17 @@ fn status_index(status: &str) -> Result<usize, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Protocol(format!("unknown run status {status}")))
 }
 
-fn agent_stats(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
-    // The runs the batch changes: read ones copied in when first changed.
-    let mut runs: HashMap<Uuid, (String, String, DateTime<Utc>)> = HashMap::new();
+fn agent_stats(
+    batch: &[Event<'_>],
+    runs: &mut HashMap<Uuid, (String, String, DateTime<Utc>)>,
+    writes: &mut Writes,
+) -> Result<(), sqlx::Error> {
     let mut touched = Vec::new();
     let mut agents: HashMap<String, AgentDelta> = HashMap::new();
     for (stored, id, event) in batch {
         let at = stored.recorded_at;
         if let InstanceEvent::InstanceCreated { agent_id, .. } = event {
-            if runs.contains_key(id) || known.runs.contains_key(id) {
+            if runs.contains_key(id) {
                 return Err(duplicate("rm_agent_stats_runs", *id));
             }
             runs.insert(*id, (agent_id.clone(), "pending".to_owned(), at));
@@ -883,12 +876,7 @@ fn agent_stats(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Resul
             delta.by_status[0] += 1;
             continue;
         }
-        let (agent_id, previous, created_at) = match runs.entry(*id) {
-            std::collections::hash_map::Entry::Occupied(run) => run.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(known.runs.get(id).ok_or(sqlx::Error::RowNotFound)?.clone())
-            }
-        };
+        let (agent_id, previous, created_at) = runs.get_mut(id).ok_or(sqlx::Error::RowNotFound)?;
         let next = match event {
             InstanceEvent::InstanceStarted { .. } => "running",
             InstanceEvent::InstanceCompleted { .. } => "completed",
@@ -982,8 +970,11 @@ struct UserDelta {
     last_seen: DateTime<Utc>,
 }
 
-fn usage(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), sqlx::Error> {
-    let mut opened: HashMap<Uuid, &str> = HashMap::new();
+fn usage(
+    batch: &[Event<'_>],
+    owners: &mut HashMap<Uuid, String>,
+    writes: &mut Writes,
+) -> Result<(), sqlx::Error> {
     let (mut new_runs, mut new_owners) = (Vec::new(), Vec::new());
     let mut users: HashMap<String, UserDelta> = HashMap::new();
     for (stored, id, event) in batch {
@@ -991,10 +982,10 @@ fn usage(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), 
         // instances, completed, failed, cancelled, thoughts, tool calls
         let counts: [i64; 6] = match event {
             InstanceEvent::InstanceCreated { owner_id, .. } => {
-                if opened.contains_key(id) || known.users.contains_key(id) {
+                if owners.contains_key(id) {
                     return Err(duplicate("rm_usage_owners", *id));
                 }
-                opened.insert(*id, owner_id);
+                owners.insert(*id, owner_id.clone());
                 new_runs.push(*id);
                 new_owners.push(owner_id.clone());
                 [1, 0, 0, 0, 0, 0]
@@ -1007,16 +998,10 @@ fn usage(batch: &[Event<'_>], known: &Known, writes: &mut Writes) -> Result<(), 
             _ => [0; 6],
         };
         // An event of a run without an owner row changes nothing (as the UPDATE would).
-        let Some(user) = opened
-            .get(id)
-            .copied()
-            .or_else(|| known.users.get(id).map(String::as_str))
-        else {
-            continue;
-        };
+        let Some(user) = owners.get(id) else { continue };
         // A run's creation is its earliest event, so the minimum over all events is the
         // minimum over creations; batches arrive in commit order, not in `recorded_at` order.
-        let delta = users.entry(user.to_owned()).or_insert(UserDelta {
+        let delta = users.entry(user.clone()).or_insert(UserDelta {
             counts: [0; 6],
             first_seen: at,
             last_seen: at,
