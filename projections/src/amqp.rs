@@ -7,7 +7,7 @@ use std::time::Duration;
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 /// Where and how to reach the broker.
@@ -105,14 +105,43 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BusErro
     Ok(channel)
 }
 
-/// Declares a durable queue bound to `routing_keys` on `exchange`.
+/// How a durable queue keeps its messages (the `x-queue-type` it is declared with). A queue's
+/// type is fixed when it is created: declaring an existing queue with another type is refused
+/// by the broker (`PRECONDITION_FAILED`), so a queue changes type only under a new name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// A classic queue (no argument): the dead-letter queues, and queues of earlier versions.
+    Classic,
+    /// A quorum queue: a Raft log on disk. The projector groups' queues: under a steady
+    /// stream its work is spread over several broker processes (log writer, queue, segment
+    /// writer) where a classic queue's is one process, so it takes and delivers more messages
+    /// per second on the same cores (docs/benchmarks.md, change 53).
+    Quorum,
+}
+
+impl QueueType {
+    /// The declaration's arguments.
+    pub fn arguments(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    }
+}
+
+/// Declares a durable queue of `kind` bound to `routing_keys` on `exchange`.
 pub async fn declare_bound_queue(
     channel: &Channel,
     exchange: &str,
     queue: &str,
+    kind: QueueType,
     routing_keys: &[&str],
 ) -> Result<(), BusError> {
-    declare_queue(channel, queue).await?;
+    declare_queue(channel, queue, kind).await?;
     for key in routing_keys {
         channel
             .queue_bind(
@@ -127,8 +156,12 @@ pub async fn declare_bound_queue(
     Ok(())
 }
 
-/// Declares a durable queue.
-pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BusError> {
+/// Declares a durable queue of `kind`.
+pub async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    kind: QueueType,
+) -> Result<(), BusError> {
     channel
         .queue_declare(
             queue.into(),
@@ -136,7 +169,7 @@ pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BusErro
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            kind.arguments(),
         )
         .await?;
     Ok(())

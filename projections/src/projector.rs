@@ -9,6 +9,10 @@
 //!   status and dead letters. The batch is acknowledged once every read model has it. (The
 //!   chat timeline is not among them: it is written with the events themselves, and the relay
 //!   announces its entries, see `apex_commands::inline` and [`crate::relay`].)
+//! * Queues: a group's queue is a quorum queue, `<prefix>.<group>.quorum`. At session start
+//!   the group drains and deletes the classic queues of earlier versions (each read model's
+//!   own from before the groups, then the group's classic `<prefix>.<group>`), having bound
+//!   its own first.
 //! * Idempotent: `projector_offsets` holds, per read model and aggregate, the last sequence
 //!   applied, updated in the same transaction as the read model. An event at or below it is
 //!   skipped.
@@ -38,7 +42,7 @@ use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::amqp::{self, AmqpConfig, Backoff, BusError};
+use crate::amqp::{self, AmqpConfig, Backoff, BusError, QueueType};
 use crate::envelope::{CloudEvent, DomainEvent, StoredEvent};
 use crate::read_models::ReadModel;
 use crate::rebuild::batch;
@@ -142,8 +146,8 @@ impl FromStr for ProjectorGroup {
 pub struct ProjectorConfig {
     /// Broker and exchange.
     pub amqp: AmqpConfig,
-    /// Queue name prefix; a group's queue is `<prefix>.<group>`, a read model's dead-letter
-    /// queue `<prefix>.<read model>.dlq`.
+    /// Queue name prefix; a group's queue is `<prefix>.<group>.quorum`, a read model's
+    /// dead-letter queue `<prefix>.<read model>.dlq`.
     pub queue_prefix: String,
     /// Unacknowledged messages the broker may push.
     pub prefetch: u16,
@@ -170,8 +174,14 @@ impl ProjectorConfig {
         }
     }
 
-    /// The queue of `group`.
+    /// The queue of `group`: a quorum queue (see [`amqp::QueueType::Quorum`]).
     pub fn queue(&self, group: ProjectorGroup) -> String {
+        format!("{}.{}.quorum", self.queue_prefix, group.name())
+    }
+
+    /// The classic queue the group had before its queue became a quorum queue
+    /// (`<prefix>.<group>`), drained and deleted by the group.
+    pub fn classic_queue(&self, group: ProjectorGroup) -> String {
         format!("{}.{}", self.queue_prefix, group.name())
     }
 
@@ -234,9 +244,21 @@ pub async fn declare(
 ) -> Result<(), BusError> {
     amqp::declare_exchange(channel, &config.amqp.exchange).await?;
     let queue = config.queue(group);
-    amqp::declare_bound_queue(channel, &config.amqp.exchange, &queue, group.routing_keys()).await?;
+    amqp::declare_bound_queue(
+        channel,
+        &config.amqp.exchange,
+        &queue,
+        QueueType::Quorum,
+        group.routing_keys(),
+    )
+    .await?;
     for model in group.models() {
-        amqp::declare_queue(channel, &config.dead_letter_queue(*model)).await?;
+        amqp::declare_queue(
+            channel,
+            &config.dead_letter_queue(*model),
+            QueueType::Classic,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -289,9 +311,33 @@ async fn session(
         .basic_qos(config.prefetch, BasicQosOptions::default())
         .await?;
     let dlq_channel = amqp::confirm_channel(&connection).await?;
+    // The queues of earlier versions, oldest first: each read model's own, then the group's
+    // classic one. The group's queue is bound already, so nothing published meanwhile is
+    // missed; what both hold is skipped by the offsets.
     for model in group.models() {
-        drain_legacy(pool, group, *model, config, &connection, &dlq_channel).await?;
+        let queue = config.legacy_queue(*model);
+        drain_legacy(
+            pool,
+            group,
+            &[*model],
+            queue,
+            config,
+            &connection,
+            &dlq_channel,
+        )
+        .await?;
     }
+    let queue = config.classic_queue(group);
+    drain_legacy(
+        pool,
+        group,
+        group.models(),
+        queue,
+        config,
+        &connection,
+        &dlq_channel,
+    )
+    .await?;
     if group == ProjectorGroup::Instance {
         retire_timeline_queue(config, &connection).await?;
     }
@@ -350,20 +396,22 @@ async fn session(
     result
 }
 
-/// Moves what is left in `model`'s queue from before the groups into its read model, then
-/// deletes that queue: it is unbound first, so nothing new arrives in it (a replica of the
-/// previous version that reconnects declares and binds it again; the next session start of a
-/// group drains it again). Events it held that the group's queue also carries are skipped by
-/// the offsets, whichever comes first.
+/// Moves what is left in `queue`, a classic queue of an earlier version, into `models`, then
+/// deletes it: a read model's own queue from before the groups (`models` is that read model),
+/// or the group's classic queue from before its quorum queue (`models` are the group's). It
+/// is unbound first, so nothing new arrives in it (a replica of the previous version that
+/// reconnects declares and binds it again; the next session start of a group drains it
+/// again). Events it held that the group's queue also carries are skipped by the offsets,
+/// whichever comes first.
 async fn drain_legacy(
     pool: &PgPool,
     group: ProjectorGroup,
-    model: ReadModel,
+    models: &[ReadModel],
+    queue: String,
     config: &ProjectorConfig,
     connection: &Connection,
     dlq: &Channel,
 ) -> Result<(), ProjectorError> {
-    let queue = config.legacy_queue(model);
     let channel = unbound_legacy_queue(config, connection, &queue, group).await?;
     let mut drained = 0_u64;
     while let Some(message) = channel
@@ -372,7 +420,9 @@ async fn drain_legacy(
     {
         let delivery = &message.delivery;
         let decoded = [(delivery, decode(&delivery.data))];
-        process(pool, &mut None, model, config, dlq, &decoded).await?;
+        for model in models {
+            process(pool, &mut None, *model, config, dlq, &decoded).await?;
+        }
         delivery.ack(BasicAckOptions::default()).await?;
         drained += 1;
     }
@@ -386,11 +436,12 @@ async fn drain_legacy(
         )
         .await?;
     if drained > 0 {
+        let projectors: Vec<_> = models.iter().map(|m| m.name()).collect();
         tracing::info!(
-            projector = model.name(),
+            projectors = projectors.join(","),
             queue,
             drained,
-            "drained and deleted the read model's queue from before the projector groups"
+            "drained and deleted a projector queue of an earlier version"
         );
     }
     let _ = channel.close(200, "legacy queue drained".into()).await;
@@ -433,7 +484,7 @@ async fn unbound_legacy_queue(
     group: ProjectorGroup,
 ) -> Result<Channel, ProjectorError> {
     let channel = connection.create_channel().await?;
-    amqp::declare_queue(&channel, queue).await?;
+    amqp::declare_queue(&channel, queue, QueueType::Classic).await?;
     for key in group.routing_keys() {
         channel
             .queue_unbind(

@@ -103,7 +103,7 @@ async fn check(confirm: PublisherConfirm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Messages per second a bare consumer takes from a durable queue holding `messages`, with
+/// Messages per second a bare consumer takes from a quorum queue holding `messages`, with
 /// the projectors' prefetch and batched (`multiple`) acks. Filling the queue is not timed.
 pub(crate) async fn batched_consume(
     config: &AmqpConfig,
@@ -114,16 +114,8 @@ pub(crate) async fn batched_consume(
 ) -> anyhow::Result<f64> {
     let connection = amqp::connect(config, "apex-bench-consume-ceiling").await?;
     let channel = amqp::confirm_channel(&connection).await?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    // Of the projectors' queue type: the ceiling is what the broker delivers from such a queue.
+    amqp::declare_queue(&channel, queue, amqp::QueueType::Quorum).await?;
     let mut pending = VecDeque::new();
     for m in messages {
         if pending.len() >= 8192

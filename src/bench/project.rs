@@ -150,7 +150,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         "projector_group_transaction_from": projectors.group_transaction_from,
         "lag": lag.summary(),
         "lag_sampling_ms": 5,
-        "ceiling": "bare consumer of the same messages from one durable queue, same prefetch, acks batched like the projectors",
+        "ceiling": "bare consumer of the same messages from one quorum queue (the projectors' type), same prefetch, acks batched like the projectors",
         "ceiling_per_second": round(ceiling),
     });
     Ok(vec![

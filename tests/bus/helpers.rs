@@ -142,7 +142,7 @@ impl Bus {
     async fn bound_tap(&self, exchange: &str, queue: String, keys: &[&str]) -> (Channel, String) {
         let channel = self.connection.create_channel().await.unwrap();
         amqp::declare_exchange(&channel, exchange).await.unwrap();
-        amqp::declare_bound_queue(&channel, exchange, &queue, keys)
+        amqp::declare_bound_queue(&channel, exchange, &queue, amqp::QueueType::Classic, keys)
             .await
             .unwrap();
         self.taps.lock().unwrap().push(queue.clone());

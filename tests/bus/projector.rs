@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use apex_projections::amqp::QueueType;
 use apex_projections::{ProjectorGroup, ReadModel};
 use futures::StreamExt;
 use lapin::BasicProperties;
@@ -484,10 +485,87 @@ async fn a_read_models_own_queue_from_before_the_groups_is_drained_into_it_and_d
     bus.finish(tasks).await;
 }
 
+#[tokio::test]
+async fn a_groups_classic_queue_from_before_its_quorum_queue_is_drained_into_every_read_model_and_deleted()
+ {
+    let bus = bus().await;
+    bus.agent("triage", &["search"]).await; // sequences 1..=2
+    let id = bus.run("user-1", "triage").await;
+    bus.think(&id, 2).await; // sequences 1..=4
+    // The topology before the quorum queues: each group's classic queue, bound to its events
+    // and still holding them (they are nowhere else on the bus).
+    let config = bus.projector_config();
+    let instance_queue = config.classic_queue(ProjectorGroup::Instance);
+    classic_queue_holding(
+        &bus,
+        &instance_queue,
+        ProjectorGroup::Instance,
+        &id,
+        &[1, 2, 3, 4],
+    )
+    .await;
+    let agent_queue = config.classic_queue(ProjectorGroup::Agent);
+    classic_queue_holding(&bus, &agent_queue, ProjectorGroup::Agent, "triage", &[1, 2]).await;
+
+    let tasks = bus.spawn_projectors();
+    bus.wait_projected(Duration::from_secs(20)).await;
+    assert_eq!(bus.read_models().await, bus.replayed_read_models().await);
+    let status: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT projector, processed_total, skipped_total FROM projector_status ORDER BY projector",
+    )
+    .fetch_all(&bus.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        status,
+        vec![
+            ("agent_stats".to_owned(), 4, 0),
+            ("agents".to_owned(), 2, 0),
+            ("instances".to_owned(), 4, 0),
+            ("usage".to_owned(), 4, 0),
+        ],
+        "every read model of a group applies its classic queue's events once"
+    );
+    for queue in [&instance_queue, &agent_queue] {
+        assert!(
+            !queue_exists(&bus, queue).await,
+            "the classic queue {queue} still exists"
+        );
+    }
+    // The groups' queues are quorum queues: the broker refuses them declared as classic.
+    for group in ProjectorGroup::ALL {
+        let channel = bus.connection.create_channel().await.unwrap();
+        let classic = apex_projections::amqp::declare_queue(
+            &channel,
+            &config.queue(group),
+            QueueType::Classic,
+        )
+        .await;
+        assert!(
+            classic.is_err(),
+            "{group}'s queue was declared again as a classic queue"
+        );
+    }
+    bus.finish(tasks).await;
+}
+
 /// `model`'s queue from before the groups (`<prefix>.<model>`), bound to instance events as it
 /// was and holding the deliveries of `sequences` of run `id`.
 async fn old_queue_holding(bus: &Bus, model: ReadModel, id: &str, sequences: &[i64]) -> String {
     let queue = bus.projector_config().legacy_queue(model);
+    classic_queue_holding(bus, &queue, ProjectorGroup::Instance, id, sequences).await;
+    queue
+}
+
+/// `queue` as the queues of earlier versions were (classic, bound to `group`'s routing keys),
+/// holding the deliveries of `sequences` of `aggregate`.
+async fn classic_queue_holding(
+    bus: &Bus,
+    queue: &str,
+    group: ProjectorGroup,
+    aggregate: &str,
+    sequences: &[i64],
+) {
     let channel = bus.connection.create_channel().await.unwrap();
     apex_projections::amqp::declare_exchange(&channel, &bus.amqp.exchange)
         .await
@@ -495,13 +573,13 @@ async fn old_queue_holding(bus: &Bus, model: ReadModel, id: &str, sequences: &[i
     apex_projections::amqp::declare_bound_queue(
         &channel,
         &bus.amqp.exchange,
-        &queue,
-        &["instance.*"],
+        queue,
+        QueueType::Classic,
+        group.routing_keys(),
     )
     .await
     .unwrap();
-    inject_into(bus, &queue, ProjectorGroup::Instance, id, sequences).await;
-    queue
+    inject_into(bus, queue, group, aggregate, sequences).await;
 }
 
 /// Whether `queue` exists (a passive declare, on a channel of its own: failing closes it).

@@ -158,7 +158,7 @@ async fn messages_the_relay_publishes_match_the_envelope_and_their_dataschema() 
     let channel = connection.create_channel().await.unwrap();
     amqp::declare_exchange(&channel, &exchange).await.unwrap();
     let tap = format!("apex.test.{}.contracts", env.id);
-    amqp::declare_bound_queue(&channel, &exchange, &tap, &["#"])
+    amqp::declare_bound_queue(&channel, &exchange, &tap, amqp::QueueType::Classic, &["#"])
         .await
         .unwrap();
 
