@@ -4,12 +4,14 @@
 //! statement, `COMMIT`. Under load most of PostgreSQL's time goes to those round trips and
 //! their commits, not to the rows. [`GroupCommitRepository`] keeps postgres-es for every read
 //! and replaces its append: each `persist` call queues its events (and snapshot update) and
-//! waits; a few writers, each on a thread of its own, take whatever is queued (up to
-//! [`MAX_BATCH_EVENTS`]) and append it in one transaction — one statement inserting the events
+//! waits; one writer, on a thread of its own, takes whatever is queued (up to
+//! [`MAX_BATCH_EVENTS`]) and appends it in one transaction — one statement inserting the events
 //! and the inline timeline's rows ([`crate::inline`]) and writing the snapshots, committed as
-//! it returns, so a batch costs one round trip — then answer every caller. While one batch
-//! commits the next one gathers, so batches grow with the load and a lone command waits for
-//! nobody.
+//! it returns, so a batch costs one round trip — then answers every caller. While one batch
+//! commits the next one gathers in the queue, so batches grow with the load and a lone command
+//! waits for nobody. One writer, not several: concurrent batches split the same commands into
+//! smaller transactions that compete for the same two cores and WAL flushes, and measured
+//! slower (docs/benchmarks.md, change 54).
 //!
 //! Each command is still decided alone, on its own state, and answered only after the shared
 //! commit. What a batch must not do is let one command's failure fail the others: when the
@@ -19,7 +21,7 @@
 //! own, so each gets exactly the answer it would have got alone. When the database is
 //! unreachable, every request gets that answer at once.
 //!
-//! Each writer appends on a connection of its own, outside the pool: a pooled connection costs
+//! The writer appends on a connection of its own, outside the pool: a pooled connection costs
 //! a check (a round trip) when it is taken and another when it is given back, twice the
 //! batch's own statement. A connection that died since its last use, or that fails under a
 //! statement, leaves the outcome unknown — the statement may not have reached PostgreSQL, or
@@ -31,8 +33,8 @@
 //! was stored. A second connection failure answers `service_unavailable`.
 //!
 //! Each event's hash (the tamper-evidence chain, docs/operations/audit.md) is computed by the
-//! append statement itself, set-based, from the hash of the stream's previous event. The writers
-//! know that hash for every stream whose last event they committed (the statement returns the
+//! append statement itself, set-based, from the hash of the stream's previous event. The writer
+//! knows that hash for every stream whose last event it committed (the statement returns the
 //! hashes it stored, and [`Heads`] keeps them); for any other event the statement leaves the hash
 //! empty and the `events_before_insert` trigger looks the predecessor up and computes it, as it
 //! does for every row inserted by other means. The per-row trigger and its lookup were the
@@ -57,30 +59,24 @@ use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool, Row};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::error::is_unavailable;
 use crate::inline::TimelineRow;
 
-/// Writer tasks appending batches concurrently: while one commits, another gathers.
-const WRITERS: usize = 2;
-
 /// Most events appended in one transaction.
 pub const MAX_BATCH_EVENTS: usize = 1024;
 
-/// Requests that may wait for a writer before `persist` callers wait to queue.
+/// Requests that may wait for the writer before `persist` callers wait to queue.
 const QUEUE: usize = 4096;
 
-/// Streams whose last committed hash the writers remember (see [`Heads`]).
+/// Streams whose last committed hash the writer remembers (see [`Heads`]).
 const KNOWN_HEADS: usize = 50_000;
 
-/// How long a writer waits for a new connection before answering that the store is
+/// How long the writer waits for a new connection before answering that the store is
 /// unavailable (the pool's acquire timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The writers' shared end of the append queue.
-type Queue = Arc<Mutex<mpsc::Receiver<Append>>>;
 
 /// A snapshot change: (aggregate id, state, snapshot counter after the append).
 type SnapshotUpdate = (String, Value, usize);
@@ -102,10 +98,9 @@ pub struct GroupCommitRepository {
     reads: PostgresEventRepository,
     options: PgConnectOptions,
     queue: OnceLock<mpsc::Sender<Append>>,
-    heads: Arc<Heads>,
 }
 
-/// The sequence and hash of the last event of the streams the writers appended to, as their
+/// The sequence and hash of the last event of the streams the writer appended to, as its
 /// append statements returned them after commit.
 ///
 /// An entry is a stored fact: events are immutable, so the event at that sequence has that
@@ -116,7 +111,7 @@ pub struct GroupCommitRepository {
 /// the lookup once).
 #[derive(Default)]
 struct Heads {
-    known: std::sync::Mutex<HashMap<(&'static str, String), Head>>,
+    known: HashMap<(&'static str, String), Head>,
 }
 
 /// A stream's last committed event.
@@ -129,16 +124,15 @@ struct Head {
 impl Heads {
     /// The hash of `aggregate`'s event at `sequence`, when it is the last one committed here.
     fn hash(&self, kind: &'static str, aggregate_id: &str, sequence: i64) -> Option<[u8; 32]> {
-        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        known
+        self.known
             .get(&(kind, aggregate_id.to_owned()))
             .filter(|head| head.sequence == sequence)
             .map(|head| head.hash)
     }
 
     /// Remembers the events an append stored (rows of its `RETURNING`).
-    fn remember(&self, stored: impl IntoIterator<Item = ((&'static str, String), Head)>) {
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+    fn remember(&mut self, stored: impl IntoIterator<Item = ((&'static str, String), Head)>) {
+        let known = &mut self.known;
         for (stream, head) in stored {
             if known.len() >= KNOWN_HEADS && !known.contains_key(&stream) {
                 let victims: Vec<_> = known.keys().take(KNOWN_HEADS / 10).cloned().collect();
@@ -156,24 +150,20 @@ impl Heads {
 
 impl GroupCommitRepository {
     /// A repository over the `events` and `snapshots` tables of `pool`: reads go through the
-    /// pool, each writer opens a connection of its own with the pool's options.
+    /// pool, the writer opens a connection of its own with the pool's options.
     pub fn new(pool: PgPool) -> Self {
         Self {
             options: (*pool.connect_options()).clone(),
             reads: PostgresEventRepository::new(pool),
             queue: OnceLock::new(),
-            heads: Arc::default(),
         }
     }
 
-    /// The queue to the writers, started on first use (inside the caller's runtime).
+    /// The queue to the writer, started on first use (inside the caller's runtime).
     fn queue(&self) -> &mpsc::Sender<Append> {
         self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(QUEUE);
-            let receiver = Arc::new(Mutex::new(receiver));
-            for index in 0..WRITERS {
-                start_writer(index, &self.options, self.heads.clone(), receiver.clone());
-            }
+            start_writer(&self.options, receiver);
             sender
         })
     }
@@ -227,11 +217,11 @@ impl PersistedEventRepository for GroupCommitRepository {
         self.queue()
             .send(append)
             .await
-            .map_err(|_| stopped("the append writers stopped"))?;
+            .map_err(|_| stopped("the append writer stopped"))?;
         metrics::counter!("apex_append_requests_total").increment(1);
         answer
             .await
-            .map_err(|_| stopped("an append writer stopped before answering"))?
+            .map_err(|_| stopped("the append writer stopped before answering"))?
     }
 
     async fn stream_events<A: Aggregate>(
@@ -250,30 +240,36 @@ fn stopped(what: &'static str) -> PersistenceError {
     PersistenceError::UnknownError(what.into())
 }
 
-/// A writer's connection, opened when first needed and dropped when it fails.
+/// The writer's connection, opened when first needed and dropped when it fails, and the heads
+/// of the streams it appended to.
 struct Writer {
     options: PgConnectOptions,
     conn: Option<PgConnection>,
-    /// Shared by the repository's writers.
-    heads: Arc<Heads>,
+    heads: Heads,
+}
+
+/// `conn`, or a new connection with `options` when there is none.
+async fn connection<'c>(
+    conn: &'c mut Option<PgConnection>,
+    options: &PgConnectOptions,
+) -> Result<&'c mut PgConnection, sqlx::Error> {
+    let open = match conn.take() {
+        Some(open) => open,
+        None => tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options))
+            .await
+            .map_err(|_| {
+                sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting to PostgreSQL timed out",
+                ))
+            })??,
+    };
+    Ok(conn.insert(open))
 }
 
 impl Writer {
     async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
-        let conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => {
-                tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.options))
-                    .await
-                    .map_err(|_| {
-                        sqlx::Error::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "connecting to PostgreSQL timed out",
-                        ))
-                    })??
-            }
-        };
-        Ok(self.conn.insert(conn))
+        connection(&mut self.conn, &self.options).await
     }
 
     /// Forgets the connection after it failed.
@@ -336,51 +332,59 @@ impl Writer {
     }
 }
 
-/// Runs a writer on a thread of its own, with a single-threaded runtime that owns its
-/// connection. The writers are the one serial stage every command waits for: on the shared
+/// Runs the writer on a thread of its own, with a single-threaded runtime that owns its
+/// connection. The writer is the one serial stage every command waits for: on the shared
 /// runtime, the wake-up after PostgreSQL answers a batch queues behind whatever HTTP work the
 /// workers have; a thread that sleeps in the kernel until its socket is readable is scheduled
 /// at once (docs/benchmarks.md, change 44). The thread ends with the queue (when the
 /// repository is dropped). Should the thread not start, the writer runs on the shared
 /// runtime, and the error says so.
-fn start_writer(index: usize, options: &PgConnectOptions, heads: Arc<Heads>, queue: Queue) {
-    let writer = || Writer {
+fn start_writer(options: &PgConnectOptions, queue: mpsc::Receiver<Append>) {
+    let writer = Writer {
         options: options.clone(),
         conn: None,
-        heads: heads.clone(),
+        heads: Heads::default(),
     };
+    // The writer and its queue are handed over once the thread runs, so a thread that cannot
+    // be started leaves them here for the fallback.
+    let (handover, handed) = std::sync::mpsc::sync_channel::<(Writer, mpsc::Receiver<Append>)>(1);
     let started = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .and_then(|runtime| {
-            let (writer, queue) = (writer(), queue.clone());
             std::thread::Builder::new()
-                .name(format!("append-writer-{index}"))
-                .spawn(move || runtime.block_on(write(writer, queue)))
+                .name("append-writer".to_owned())
+                .spawn(move || {
+                    if let Ok((writer, queue)) = handed.recv() {
+                        runtime.block_on(write(writer, queue));
+                    }
+                })
         });
-    if let Err(e) = started {
-        tracing::error!(error = %e, "cannot start an append writer thread; it runs on the shared runtime (slower under load)");
-        tokio::spawn(write(writer(), queue));
+    match started {
+        Ok(_) => {
+            // The thread holds the receiving end until it has taken the writer.
+            let _ = handover.send((writer, queue));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the append writer thread; it runs on the shared runtime (slower under load)");
+            tokio::spawn(write(writer, queue));
+        }
     }
 }
 
 /// Takes batches off the queue and appends them until every sender is gone.
-async fn write(mut writer: Writer, queue: Queue) {
+async fn write(mut writer: Writer, mut queue: mpsc::Receiver<Append>) {
     loop {
-        let batch = {
-            let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
-            };
-            let mut events = first.events.len();
-            let mut batch = vec![first];
-            while events < MAX_BATCH_EVENTS {
-                let Ok(next) = queue.try_recv() else { break };
-                events += next.events.len();
-                batch.push(next);
-            }
-            batch
+        let Some(first) = queue.recv().await else {
+            return;
         };
+        let mut events = first.events.len();
+        let mut batch = vec![first];
+        while events < MAX_BATCH_EVENTS {
+            let Ok(next) = queue.try_recv() else { break };
+            events += next.events.len();
+            batch.push(next);
+        }
         let started = std::time::Instant::now();
         append_batch(&mut writer, batch).await;
         metrics::histogram!("apex_append_batch_seconds").record(started.elapsed().as_secs_f64());
@@ -444,9 +448,8 @@ async fn append_settled(writer: &mut Writer, requests: &mut Vec<Append>) -> Resu
             return Ok(());
         }
         // Failing to connect sends nothing: that outcome is known.
-        let heads = writer.heads.clone();
-        let conn = writer.connection().await?;
-        let error = match append(conn, &heads, requests).await {
+        let conn = connection(&mut writer.conn, &writer.options).await?;
+        let error = match append(conn, &mut writer.heads, requests).await {
             Ok(()) => return Ok(()),
             Err(Failure::Database(e)) => {
                 writer.failed(&e);
@@ -557,7 +560,7 @@ impl std::error::Error for SharedError {
 /// One transaction: every event of `requests`, then their snapshot changes.
 async fn append(
     conn: &mut PgConnection,
-    heads: &Heads,
+    heads: &mut Heads,
     requests: &[Append],
 ) -> Result<(), Failure> {
     let count: usize = requests.iter().map(|r| r.events.len()).sum();
@@ -571,7 +574,7 @@ async fn append(
         Vec::with_capacity(count),
     );
     let mut event_ids = Vec::with_capacity(count);
-    // The predecessor's hash of each event, where a writer committed it: the first event of a
+    // The predecessor's hash of each event, where the writer committed it: the first event of a
     // request whose stream's head is known. `None` leaves the hash to the trigger.
     let mut predecessors: Vec<Option<[u8; 32]>> = Vec::with_capacity(count);
     let mut lookups = 0u64;

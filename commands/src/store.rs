@@ -25,7 +25,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// unready) while the database is down. Every connection is checked (one round trip) before it
 /// is handed out, so a request right after a database blip does not fail on a connection that
 /// died while idle: the pool of the API, which answers users. (Appends do not use it: the
-/// group commit's writers hold connections of their own, see [`crate::group_commit`].)
+/// group commit's writer holds a connection of its own, see [`crate::group_commit`].)
 pub fn connect(options: PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)

@@ -5,25 +5,23 @@
 //! own); the clients, the relay and the projectors run in the bench process. Baseline: the
 //! same steps at the same rate while only the first 100 sockets are connected.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use apex_domain::{ActorRole, Tier};
 use apex_projections::ProjectorGroup;
 use futures::StreamExt;
 use futures::stream;
 use serde_json::json;
-use tokio::process::{Child, Command as Process};
 
 use super::Options;
 use super::client::{self, Api, Command, Inbox};
+use super::replica::Replica;
 use super::report::{Row, Target};
-use super::stack::{self, Stack, UNLIMITED};
+use super::stack::{self, Stack};
 use super::stats::round;
-use crate::config::{JwtAlgorithm, Settings};
+use crate::config::Settings;
 
 /// Resident memory the replica may use.
 const MEMORY_LIMIT_MB: f64 = 500.0;
@@ -42,11 +40,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         (10_000usize, 100usize, 500.0)
     };
     check_open_files(connections + 512)?;
-    let binary = match &options.apex_binary {
-        Some(path) => path.clone(),
-        None => std::env::current_exe().context("locating the apex binary")?,
-    };
-    let mut replica = Replica::spawn(&binary, &stack.settings).await?;
+    let mut replica = Replica::spawn(options, &stack.settings).await?;
     let result = drive(stack, &mut replica, connections, baseline, per_second).await;
     replica.stop().await;
     result
@@ -209,121 +203,5 @@ fn check_open_files(needed: usize) -> anyhow::Result<()> {
             "fan-out needs {needed} open files but the limit is {soft}: raise it (`ulimit -n {needed}`) and run again"
         ),
         _ => Ok(()),
-    }
-}
-
-/// The replica under test: `apex serve` in its own process.
-struct Replica {
-    child: Child,
-    pid: u32,
-    url: String,
-}
-
-impl Replica {
-    async fn spawn(binary: &Path, settings: &Settings) -> anyhow::Result<Self> {
-        if settings.auth.algorithm != JwtAlgorithm::HS256 {
-            bail!("the bench signs its own tokens with HS256");
-        }
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-            probe.local_addr()?.port()
-        };
-        let db = &settings.database;
-        let amqp = &settings.amqp;
-        let log = std::env::temp_dir().join(format!("apex-bench-replica-{port}.log"));
-        let log_file = std::fs::File::create(&log)
-            .with_context(|| format!("creating the replica log {}", log.display()))?;
-        let config_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("environments");
-        let mut child = Process::new(binary)
-            .arg("serve")
-            .env("APEX_ENV", "dev")
-            .env("APEX_CONFIG_DIR", config_dir)
-            .env("APEX__HTTP__HOST", "127.0.0.1")
-            .env("APEX__HTTP__PORT", port.to_string())
-            .env("APEX__DATABASE__HOST", &db.host)
-            .env("APEX__DATABASE__PORT", db.port.to_string())
-            .env("APEX__DATABASE__USER", &db.user)
-            .env("APEX__DATABASE__NAME", &db.name)
-            .env("APEX__DATABASE__MAX_CONNECTIONS", "16")
-            .env("APEX__DATABASE__CREATE_IF_MISSING", "false")
-            .env("APEX__AMQP__HOST", &amqp.host)
-            .env("APEX__AMQP__PORT", amqp.port.to_string())
-            .env("APEX__AMQP__VHOST", &amqp.vhost)
-            .env("APEX__AMQP__USER", &amqp.user)
-            .env("APEX__AMQP__EXCHANGE", &amqp.exchange)
-            .env("APEX__AMQP__CHAT_EXCHANGE", &amqp.chat_exchange)
-            .env("APEX__AUTH__ALGORITHM", "HS256")
-            .env("APEX__AUTH__ISSUER", &settings.auth.issuer)
-            .env("APEX__AUTH__AUDIENCE", &settings.auth.audience)
-            .env(
-                "APEX__RATE_LIMIT__COMMANDS_PER_SECOND",
-                UNLIMITED.to_string(),
-            )
-            .env("APEX__RATE_LIMIT__BURST", UNLIMITED.to_string())
-            .env(
-                "APEX__RATE_LIMIT__RUNNER_COMMANDS_PER_SECOND",
-                UNLIMITED.to_string(),
-            )
-            .env("APEX__RATE_LIMIT__RUNNER_BURST", UNLIMITED.to_string())
-            .env("APEX__LOG__FILTER", "warn")
-            .env("RUST_LOG", "warn")
-            .env("APEX_DATABASE_PASSWORD", db.password.expose())
-            .env("APEX_AMQP_PASSWORD", amqp.password.expose())
-            .env("APEX_JWT_SECRET", settings.auth.key.expose())
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting the replica {}", binary.display()))?;
-        let pid = child.id().context("the replica exited at once")?;
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = http.get(format!("{url}/health/live")).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the replica exited ({status}) before it served; see {}",
-                    log.display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the replica did not serve within 60 s; see {}",
-                    log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(Self { child, pid, url })
-    }
-
-    /// Resident memory now, MB.
-    fn memory(&self) -> anyhow::Result<f64> {
-        self.status_kib("VmRSS:").map(|k| k / 1024.0)
-    }
-
-    /// Peak resident memory, MB.
-    fn peak_memory(&self) -> anyhow::Result<f64> {
-        self.status_kib("VmHWM:").map(|k| k / 1024.0)
-    }
-
-    fn status_kib(&self, field: &str) -> anyhow::Result<f64> {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .context("reading the replica's /proc status")?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .with_context(|| format!("no {field} in the replica's /proc status"))
-    }
-
-    async fn stop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
     }
 }

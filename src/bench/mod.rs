@@ -15,6 +15,7 @@ mod long_run;
 mod project;
 mod rebuild;
 mod relay;
+mod replica;
 mod report;
 mod seed;
 mod stack;

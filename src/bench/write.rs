@@ -8,6 +8,7 @@ use serde_json::json;
 use tokio::task::JoinSet;
 
 use super::client::{Api, Connection, thought};
+use super::replica::Replica;
 use super::report::{Row, Target};
 use super::stack::{self, Stack};
 use super::stats::{Samples, rate, round};
@@ -33,8 +34,19 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         (Duration::from_secs(2), Duration::from_secs(5))
     };
 
-    let app = stack.app().await?;
-    let api = Api::new(&app.url)?;
+    let mut replica = Replica::spawn(options, &stack.settings).await?;
+    let result = drive(stack, &replica.url, warmup, slice).await;
+    replica.stop().await;
+    result
+}
+
+async fn drive(
+    stack: &mut Stack,
+    url: &str,
+    warmup: Duration,
+    slice: Duration,
+) -> anyhow::Result<Vec<Row>> {
+    let api = Api::new(url)?;
     let admin = stack.token("bench-admin", ActorRole::Admin, None)?;
     let runner = stack.token("bench-runner", ActorRole::Runner, None)?;
     let user = stack.token("bench-user", ActorRole::User, Some(Tier::Free))?;
@@ -45,7 +57,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
         api.start(&runner, &id).await?;
         clients.push(Client {
             path: format!("/v1/runner/instances/{id}/thoughts"),
-            connection: Connection::open(&app.url, &runner).await?,
+            connection: Connection::open(url, &runner).await?,
             sent: 0,
         });
     }

@@ -72,13 +72,13 @@ async fn counter(app: &TestApp, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Appends handed to the writers so far.
+/// Appends handed to the writer so far.
 async fn appends_requested(app: &TestApp) -> f64 {
     counter(app, "apex_append_requests_total").await
 }
 
-/// The app's append writers waiting for a lock in their statement (see [`think_held`]).
-async fn writers_waiting(app: &TestApp) -> i64 {
+/// The app's append writer waiting for a lock in its statement (see [`think_held`]): 0 or 1.
+async fn writer_waiting(app: &TestApp) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
           WHERE datname = current_database() AND wait_event_type = 'Lock'
@@ -90,9 +90,8 @@ async fn writers_waiting(app: &TestApp) -> i64 {
 }
 
 /// Runs `think_all` while appends are held back: a transaction locks `events` against inserts,
-/// so the writers block on their first batch and every other command queues behind them. The
-/// hold ends once every command has been handed to the writers, and the queued ones go as one
-/// batch.
+/// so the writer blocks on its first batch and every other command queues behind it. The hold
+/// ends once every command has been handed to the writer, and the queued ones go as one batch.
 async fn think_all_held(
     app: &Arc<TestApp>,
     ids: &[String],
@@ -101,9 +100,9 @@ async fn think_all_held(
     think_held(app, &[], ids, thought).await.1
 }
 
-/// [`think_all_held`], after each run of `occupying` has had a thought taken by a writer of its
-/// own (each writer blocked on it): with one per writer, every command of `ids` queues and they
-/// go as one batch. Returns the answers of `occupying`, then those of `ids`.
+/// [`think_all_held`], after the run of `occupying` has had a thought taken by the writer (the
+/// writer blocked on it): every command of `ids` queues and they go as one batch. Returns the
+/// answers of `occupying`, then those of `ids`.
 async fn think_held(
     app: &Arc<TestApp>,
     occupying: &[String],
@@ -122,10 +121,10 @@ async fn think_held(
             async move { think_all(&app, &[id], |_| "held".to_owned()).await }
         }));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while writers_waiting(app).await < n as i64 + 1 {
+        while writer_waiting(app).await < n as i64 + 1 {
             assert!(
                 std::time::Instant::now() < deadline,
-                "no writer took run {id}'s thought within 5 s"
+                "the writer did not take run {id}'s thought within 5 s"
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -145,7 +144,7 @@ async fn think_held(
         // Commands on different runs never wait for each other before their append.
         assert!(
             std::time::Instant::now() < deadline,
-            "only {} of {} commands reached the writers within 5 s",
+            "only {} of {} commands reached the writer within 5 s",
             requested - before,
             ids.len()
         );
@@ -171,10 +170,10 @@ async fn concurrent_commands_share_commits_and_each_gets_its_own_answer() {
         assert_eq!(*status, StatusCode::OK, "run {n}: {body}");
         assert_eq!(body["sequence"], 3, "run {n}: {body}");
     }
-    // The two writers' first batches, then the queued rest together.
+    // The writer's first batch, then the queued rest together.
     let shared = transactions(&app, &ids, 3).await;
     assert!(
-        shared.len() <= 4,
+        shared.len() <= 2,
         "{RUNS} queued commands were committed in {} transactions",
         shared.len()
     );
@@ -354,9 +353,9 @@ async fn a_snapshot_moved_under_a_batch_fails_the_batch_whole_and_only_its_comma
     };
     let (splits, retried) = counters().await;
 
-    // Both writers are held in a batch of their own (the last two runs' thoughts), so the
-    // other runs' thoughts, run 0's among them, queue and go as one batch.
-    let (batch, occupying) = ids.split_at(RUNS - 2);
+    // The writer is held in a batch of its own (the last run's thought), so the other runs'
+    // thoughts, run 0's among them, queue and go as one batch.
+    let (batch, occupying) = ids.split_at(RUNS - 1);
     let (held, answers) = think_held(&app, occupying, batch, |n| format!("thought {n}")).await;
     for (status, body) in &held {
         assert_eq!(*status, StatusCode::OK, "{body}");
@@ -404,9 +403,9 @@ async fn unchained(app: &TestApp) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_append_chains_each_hash_to_what_its_writers_committed_and_else_looks_it_up() {
+async fn an_append_chains_each_hash_to_what_its_writer_committed_and_else_looks_it_up() {
     let (app, ids) = runs().await;
-    // Every run was created and started by this app: its writers know each stream's head.
+    // Every run was created and started by this app: its writer knows each stream's head.
     assert_eq!(hash_lookups(&app).await, 0.0);
     for (status, body) in think_all(&app, &ids, |n| format!("thought {n}")).await {
         assert_eq!(
