@@ -150,7 +150,11 @@ impl Application {
                 tracing::warn!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
             }
         });
-        axum::serve(listener, self.router)
+        // Each connection gets a clone of the router (a reference count). Served as the router
+        // itself, axum would rebuild its route table per connection, cloning every route's
+        // handler: memory per keep-alive connection and CPU per accepted one
+        // (docs/benchmarks.md, change 56).
+        axum::serve(listener, self.router.into_make_service())
             .with_graceful_shutdown(shutdown)
             .await
             .context("serving HTTP")

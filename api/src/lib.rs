@@ -15,7 +15,10 @@ pub mod routes;
 pub mod state;
 pub mod ws;
 
+use std::sync::Arc;
+
 use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use tower_http::trace::TraceLayer;
@@ -55,14 +58,19 @@ fn api_router() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.body_limit;
     let (routes, doc) = api_parts();
-    let doc_json = doc.clone();
+    // Shared, not owned: every route's handler is cloned per request (and the whole route table
+    // per connection by some ways of serving), and the document is megabytes of maps.
+    let doc_json = Arc::new(doc.clone());
     routes
         // Only the API routes (a matched route): per-principal limits on commands.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             rate_limit::enforce,
         ))
-        .route("/openapi.json", get(move || async move { Json(doc_json) }))
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(doc_json.as_ref()).into_response() }),
+        )
         .merge(console::router())
         .merge(SwaggerUi::new("/docs").url("/docs/openapi.json", doc))
         .fallback(|| async { error::ApiError::RouteNotFound })

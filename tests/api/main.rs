@@ -12,6 +12,7 @@ mod audit_tamper;
 mod auth;
 mod commands;
 mod concurrency;
+mod connections;
 mod database_tls;
 mod group_commit;
 mod inline_timeline;
