@@ -1,5 +1,6 @@
 //! `write`: runner commands over HTTP (JWT, JSON, aggregate, append), 32 concurrent clients
-//! on distinct instances, against single-row INSERT transactions from 32 connections.
+//! on distinct instances, against single-row INSERT transactions from 32 connections. The API
+//! is a replica in a process of its own; the clients and the ceiling run in the bench process.
 
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,7 @@ async fn measure(stack: &mut Stack, options: &Options) -> anyhow::Result<Vec<Row
 }
 
 async fn drive(
-    stack: &mut Stack,
+    stack: &Stack,
     url: &str,
     warmup: Duration,
     slice: Duration,
